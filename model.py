@@ -271,27 +271,34 @@ def rope_angles(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> tor
     return torch.cat(columns, dim=-1)                                                  # (B, L, Dh/2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (x[2j], x[2j+1]) of x (B, H, L, Dh) by the angles behind cos, sin (B, 1, L, Dh/2)."""
-    x0, x1 = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)             # each (B, H, L, Dh/2)
-    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, H, L, Dh/2, 2)
-    return rotated.flatten(-2).type_as(x)                                    # (B, H, L, Dh)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs of x (B, L, H, Dh) by the RoPE angles: rot (B or 1, L, 1, Dh/2) = e^(i angle).
+
+    Pair j, (x[2j], x[2j+1]), read as the complex number x[2j] + i x[2j+1], is multiplied by
+    rot[j]: a 2-D rotation by angle_j (as in Llama's reference code; on CPU ~20x faster than four
+    real products on the strided halves).
+    """
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, L, H, Dh/2), complex
+    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)           # (B, L, H, Dh)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-              sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on q, k, then softmax(q k^T / sqrt(Dh)) v. q, k, v (B, H, L, Dh) -> (B, L, H * Dh)."""
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    x = F.scaled_dot_product_attention(q, k, v)   # (B, H, L, Dh)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """RoPE on q, k, then softmax(q k^T / sqrt(Dh)) v. q, k, v (B, L, H, Dh) -> (B, L, H * Dh)."""
+    q, k = apply_rope(q, rot), apply_rope(k, rot)
+    x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, Dh)
     B, H, L, Dh = x.shape
-    return x.transpose(1, 2).reshape(B, L, H * Dh)  # (B, L, D)
+    return x.transpose(1, 2).reshape(B, L, H * Dh)                                                # (B, L, D)
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused projections (B, L, 3 * D), ordered q | k | v then heads, -> q, k, v each (B, H, L, Dh)."""
+    """Fused projections (B, L, 3 * D), ordered q | k | v then heads, -> q, k, v each (B, L, H, Dh).
+
+    Heads stay after the sequence axis until the attention itself, so QK-norm and RoPE run on
+    (nearly) contiguous memory.
+    """
     B, L, D3 = qkv.shape
     qkv = qkv.reshape(B, L, 3, num_heads, D3 // (3 * num_heads))  # (B, L, 3, H, Dh)
-    return qkv.permute(2, 0, 3, 1, 4).unbind(0)                   # 3 x (B, H, L, Dh)
+    return qkv.unbind(2)                                          # 3 x (B, L, H, Dh)
 
 
 class MLPEmbedder(nn.Module):
@@ -341,7 +348,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L, D) -> normalised q, k and v, each (B, H, L, Dh)."""
+        """(B, L, D) -> normalised q, k and v, each (B, L, H, Dh)."""
         q, k, v = split_heads(self.qkv(x), self.num_heads)
         q, k = self.norm(q, k, v)
         return q, k, v
@@ -389,18 +396,18 @@ class DoubleStreamBlock(nn.Module):
                                      nn.Linear(mlp_hidden, hidden_size))
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
-                pe: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """img (B, L_img, D), txt (B, L_txt, D), vec (B, D), pe = RoPE (cos, sin) of [txt, img]."""
+                rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """img (B, L_img, D), txt (B, L_txt, D), vec (B, D), rot = RoPE rotations of [txt, img]."""
         L_txt = txt.shape[1]
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
         img_q, img_k, img_v = self.img_attn.heads((1 + img_mod1.scale) * self.img_norm1(img) + img_mod1.shift)
         txt_q, txt_k, txt_v = self.txt_attn.heads((1 + txt_mod1.scale) * self.txt_norm1(txt) + txt_mod1.shift)
-        q = torch.cat((txt_q, img_q), dim=2)  # (B, H, L_txt + L_img, Dh), text first as in BFL
-        k = torch.cat((txt_k, img_k), dim=2)
-        v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, *pe)        # (B, L_txt + L_img, D)
+        q = torch.cat((txt_q, img_q), dim=1)  # (B, L_txt + L_img, H, Dh), text first as in BFL
+        k = torch.cat((txt_k, img_k), dim=1)
+        v = torch.cat((txt_v, img_v), dim=1)
+        attn = attention(q, k, v, rot)        # (B, L_txt + L_img, D)
         txt_attn, img_attn = attn[:, :L_txt], attn[:, L_txt:]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -424,7 +431,7 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
         """x (B, L, D) = [txt, img], vec (B, D) -> (B, L, D)."""
         (mod,) = self.modulation(vec)
         x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
@@ -437,7 +444,7 @@ class SingleStreamBlock(nn.Module):
         qkv = F.linear(x_mod, self.linear1.weight[:D3], self.linear1.bias[:D3])                 # (B, L, 3D)
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, *pe)                                                          # (B, L, D)
+        attn = attention(q, k, v, rot)                                                          # (B, L, D)
         return x + mod.gate * self.linear2(torch.cat((attn, mlp), dim=-1))
 
 
@@ -522,14 +529,14 @@ class Flux(nn.Module):
 
         n = max(len(txt_ids), len(img_ids))
         ids = torch.cat((txt_ids.expand(n, -1, -1), img_ids.expand(n, -1, -1)), dim=1)  # (n, L_txt + L_img, 3)
-        angles = rope_angles(ids, p.axes_dim, p.theta)[:, None]  # (n, 1, L_txt + L_img, Dh/2)
-        pe = (angles.cos().float(), angles.sin().float())
+        angles = rope_angles(ids, p.axes_dim, p.theta)[:, :, None]              # (n, L_txt + L_img, 1, Dh/2)
+        rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # e^(i angle), same shape
 
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
+            img, txt = block(img, txt, vec, rot)
         x = torch.cat((txt, img), dim=1)  # (B, L_txt + L_img, D)
         for block in self.single_blocks:
-            x = block(x, vec, pe)
+            x = block(x, vec, rot)
         return self.final_layer(x[:, L_txt:], vec)  # (B, L_img, out_channels)
 
 
@@ -803,7 +810,8 @@ def load_flux(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
     file_config = _read_json(beside) if beside.is_file() else None
     if "x_embedder.weight" in state:  # a diffusers-named single file
         if config is None and file_config is None:
-            raise CheckpointError(f"{path} has diffusers tensor names: its config.json is needed next to it, or pass config=")
+            raise CheckpointError(f"{path} has diffusers tensor names: put its config.json next to it, "
+                                  f"or pass config=")
         params = config or _flux_params_from_diffusers_config(file_config, beside)
         return _load_flux_state(params, flux_from_diffusers(state, params, path), path, device, dtype)
     if config is None:

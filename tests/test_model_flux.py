@@ -109,6 +109,18 @@ def test_parity_with_sharded_diffusers_folder(tmp_path):
         assert (ours(**x) - diffusers_forward(ref, x)).abs().max().item() <= 1e-5
 
 
+def test_diffusers_named_single_file_needs_its_config(saved_reference, tmp_path):
+    ref, folder, guidance = saved_reference
+    file = tmp_path / "diffusion_pytorch_model.safetensors"
+    file.write_bytes((folder / "diffusion_pytorch_model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="diffusers tensor names"):
+        load_flux(file)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    x = random_inputs(4, 2, 3, 1, guidance=guidance)
+    with torch.no_grad():
+        assert (load_flux(file)(**x) - diffusers_forward(ref, x)).abs().max().item() <= 1e-5
+
+
 def test_ids_may_have_batch_one():
     torch.manual_seed(0)
     net = Flux(FLUX_CONFIGS["tiny"]).eval()
