@@ -848,3 +848,32 @@ def save_flux(model: Flux, folder: str | Path) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_file(flux_to_diffusers(state, p), str(folder / "diffusion_pytorch_model.safetensors"),
               metadata={"format": "pt"})
+
+
+# -----------------------------------------------------------------------------------------------
+# Pixel latent: the embedded model's stand-in for the autoencoder
+#
+# The embedded mini-FLUX (train.py) has no pretrained autoencoder to borrow, so its "latent" is the
+# image itself, rearranged: pixel_unshuffle moves each f x f block of pixels into channels, exactly
+# invertible and linear. A 32x32 RGB image becomes a (12, 16, 16) latent, which FLUX's own 2x2 `pack`
+# turns into 8 x 8 = 64 tokens of 48 channels, the way a real 1024^2 image becomes a (16, 128, 128)
+# latent and 4096 tokens of 64 channels. It has the AutoEncoder's encode/decode interface, so the
+# pipeline and the DPS gradient path do not care which one they hold.
+
+
+class PixelLatent(nn.Module):
+    """encode: (B, 3, H, W) in [-1, 1] -> (B, 3 f^2, H/f, W/f); decode is its exact inverse."""
+
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        if factor < 1:
+            raise ValueError(f"factor must be a positive integer, got {factor}")
+        self.factor = factor
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[-1] % self.factor or x.shape[-2] % self.factor:
+            raise ValueError(f"expected (B, C, H, W) with H and W divisible by {self.factor}, got {tuple(x.shape)}")
+        return F.pixel_unshuffle(x, self.factor)  # (B, C f^2, H/f, W/f)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(z, self.factor)  # (B, C, H, W)
