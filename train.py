@@ -57,8 +57,8 @@ import toyworld
 class TrainConfig:
     out: str = "weights/mini-flux"      # output folder (FLUX.1 layout)
     image_size: int = 32                # pixels per side; 2x2 packing -> (image_size/2)^2 tokens
-    steps: int = 6000                   # optimizer steps (the time limit below may stop earlier)
-    minutes: float = 50.0               # wall-clock limit for the training loop
+    steps: int = 3000                   # optimizer steps (the time limit below may stop earlier)
+    minutes: float = 60.0               # wall-clock limit for the training loop (a safety stop)
     batch_size: int = 64                # images per step
     lr: float = 1e-3                    # AdamW peak learning rate
     warmup: int = 200                   # linear warm-up steps, then cosine decay to lr/10
@@ -204,11 +204,13 @@ def train(cfg: TrainConfig) -> Path:
     minutes = (time.time() - start) / 60
 
     # 4. Save in the FLUX.1 folder layout, readable by the same loaders as the real model.
-    M.save_flux(ema.flux, out / "transformer")
+    # bf16 on disk, as the FLUX.1 release ships it: half the size (the repo keeps the weights < 30 MB).
+    M.save_flux(copy.deepcopy(ema.flux).to(torch.bfloat16), out / "transformer")
     M.save_t5(ema.t5, out / "text_encoder_2")
     M.save_clip_text(ema.clip, out / "text_encoder")
     meta = {
-        "pixel_space": True,                 # no vae/: the transformer denoises 3-channel pixels
+        "pixel_space": True,                 # no vae/: the latent is model.PixelLatent(latent_factor)
+        "latent_factor": 2,
         "height": cfg.image_size, "width": cfg.image_size, "channels": 3,
         "t5_max_length": cfg.t5_max_length,
         "world": "shapes",                   # prompts are checked against toyworld's vocabulary
