@@ -25,13 +25,20 @@ References:
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import math
 import os
-from dataclasses import dataclass
+import re
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, NamedTuple
 
+import sentencepiece
+import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -549,15 +556,884 @@ def _check_shape(name: str, x: torch.Tensor, shape: tuple[int | None, ...]) -> N
 
 # -----------------------------------------------------------------------------------------------
 # T5 v1.1 encoder                                                   (section owner: text helper)
+#
+# The encoder of T5 v1.1 XXL [3] ("google/t5-v1_1-xxl"), whose last hidden states are the `txt`
+# token sequence FLUX attends to. v1.1 differs from the original T5 by a gated-GELU feed-forward
+# and no dropout at inference. Every block is pre-norm (RMSNorm), attention has no 1/sqrt(Dk)
+# scaling (Mesh TensorFlow folds it into the initialisation of q) and no absolute positions: a
+# learned bias per (relative-position bucket, head) is added to the attention logits. Block 0 owns
+# that bias table and the same (1, H, L, L) bias serves all blocks. BFL and diffusers call the
+# encoder without an attention mask, so padding tokens are attended to, and so do we.
+# Attribute names equal Hugging Face's T5EncoderModel keys (`encoder.block.3.layer.0.SelfAttention.q`).
+# Shape letters: B batch, L tokens, D = d_model, H heads, Dk = d_kv, F = d_ff.
+
+
+@dataclass(kw_only=True)
+class T5Config:
+    """Architecture of a T5 v1.1 encoder (field names as in Hugging Face's config.json)."""
+
+    vocab_size: int                      # rows of the token embedding `shared` (XXL: 32128)
+    d_model: int                         # D, width of the residual stream (4096)
+    d_kv: int                            # Dk, width of one attention head (64); H * Dk may differ from D
+    d_ff: int                            # F, hidden width of the gated-GELU feed-forward (10240)
+    num_layers: int                      # encoder blocks (24)
+    num_heads: int                       # H, attention heads (64)
+    relative_attention_num_buckets: int  # position-bias buckets, half per direction (32)
+    relative_attention_max_distance: int  # offsets at least this far share the outermost bucket (128)
+    layer_norm_epsilon: float            # RMSNorm epsilon (1e-6)
+
+    def __post_init__(self):
+        if min(self.vocab_size, self.d_model, self.d_kv, self.d_ff, self.num_layers, self.num_heads) < 1:
+            raise ValueError(f"T5Config sizes must be positive, got {self}")
+        if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 4:
+            raise ValueError(f"relative_attention_num_buckets must be a positive multiple of 4 (exact and "
+                             f"log-spaced halves per direction), got {self.relative_attention_num_buckets}")
+
+
+T5_CONFIGS = {
+    "t5-v1_1-xxl": T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                            relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                            layer_norm_epsilon=1e-6),
+    # For tests and notebooks: 2 blocks, 4 heads x 8 channels.
+    "tiny": T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     layer_norm_epsilon=1e-6),
+}
+
+
+def _check_ids(name: str, input_ids: torch.Tensor, vocab_size: int, max_length: int | None = None) -> None:
+    """ValueError unless input_ids is a (B, L) integer tensor of ids < vocab_size (and L <= max_length)."""
+    if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0:
+        raise ValueError(f"{name} expects input_ids of shape (B, L), L >= 1, dtype long; "
+                         f"got {tuple(input_ids.shape)} {input_ids.dtype}")
+    if max_length is not None and input_ids.shape[1] > max_length:
+        raise ValueError(f"{name} has {max_length} positions; got {input_ids.shape[1]} tokens "
+                         f"(tokenize with max_length <= {max_length})")
+    lo, hi = input_ids.min().item(), input_ids.max().item()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name} has a vocabulary of {vocab_size}; got token ids in [{lo}, {hi}] "
+                         f"(tokenizer and model do not match?)")
+
+
+def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Bucket of each key - query offset for bidirectional T5 attention (Raffel et al. 2020, Sec. 2.1).
+
+    Half of the buckets are for keys after the query, half for keys before it (offset 0 is
+    "before"). Within a half of n = num_buckets / 2 buckets, offsets |r| < n/2 get their own bucket
+    and larger ones log-spaced buckets up to max_distance; farther offsets share the last bucket:
+    bucket(|r|) = n/2 + floor(log(|r| / (n/2)) / log(max_distance / (n/2)) * n/2), capped at n - 1.
+    Integer tensor in, same-shape long tensor in [0, num_buckets) out.
+    """
+    n = num_buckets // 2
+    max_exact = n // 2
+    bucket = (relative_position > 0).long() * n                        # keys to the right use the upper half
+    distance = relative_position.abs()
+    # clamp(min=max_exact): log(0) would be -inf; those offsets take the exact branch anyway.
+    log_ratio = torch.log(distance.clamp(min=max_exact).float() / max_exact) / math.log(max_distance / max_exact)
+    far = (max_exact + (log_ratio * (n - max_exact)).long()).clamp(max=n - 1)
+    return bucket + torch.where(distance < max_exact, distance, far)
+
+
+class T5LayerNorm(nn.Module):
+    """T5's "layer norm" is an RMSNorm: x / sqrt(mean(x^2) + eps) * weight, with no mean subtraction
+    and no bias; the statistic is computed in float32 even for bf16 weights."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rrms = torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (B, L, 1)
+        return (x.float() * rrms).to(self.weight.dtype) * self.weight
+
+
+class T5Attention(nn.Module):
+    """Multi-head self-attention with an additive position bias and no logit scaling."""
+
+    def __init__(self, cfg: T5Config, has_relative_attention_bias: bool):
+        super().__init__()
+        self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
+        inner = cfg.num_heads * cfg.d_kv
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+
+    def forward(self, x: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D), position_bias (1, H, L, L) -> (B, L, D)."""
+        B, L, _ = x.shape
+        q = self.q(x).reshape(B, L, self.num_heads, self.d_kv).transpose(1, 2)  # (B, H, L, Dk)
+        k = self.k(x).reshape(B, L, self.num_heads, self.d_kv).transpose(1, 2)  # (B, H, L, Dk)
+        v = self.v(x).reshape(B, L, self.num_heads, self.d_kv).transpose(1, 2)  # (B, H, L, Dk)
+        # softmax(q k^T + bias) v: scale=1.0 because T5 has no 1/sqrt(Dk) (it is in q's init).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=position_bias.to(q.dtype), scale=1.0)
+        return self.o(out.transpose(1, 2).reshape(B, L, self.num_heads * self.d_kv))  # (B, L, D)
+
+
+class T5LayerSelfAttention(nn.Module):
+    """x + SelfAttention(RMSNorm(x))."""
+
+    def __init__(self, cfg: T5Config, has_relative_attention_bias: bool):
+        super().__init__()
+        self.SelfAttention = T5Attention(cfg, has_relative_attention_bias)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def forward(self, x: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
+        return x + self.SelfAttention(self.layer_norm(x), position_bias)
+
+
+class T5DenseGatedActDense(nn.Module):
+    """The v1.1 feed-forward: wo(gelu_tanh(wi_0 h) * wi_1 h) (a GEGLU, Shazeer 2020), no biases."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # "gelu_new" in the Hugging Face config is the tanh approximation of GELU.
+        return self.wo(F.gelu(self.wi_0(h), approximate="tanh") * self.wi_1(h))  # (B, L, F) -> (B, L, D)
+
+
+class T5LayerFF(nn.Module):
+    """x + DenseReluDense(RMSNorm(x)) (the name is historical: v1.1's activation is a gated GELU)."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.DenseReluDense = T5DenseGatedActDense(cfg)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.DenseReluDense(self.layer_norm(x))
+
+
+class T5Block(nn.Module):
+    """layer.0 = self-attention sub-layer, layer.1 = feed-forward sub-layer."""
+
+    def __init__(self, cfg: T5Config, has_relative_attention_bias: bool):
+        super().__init__()
+        self.layer = nn.ModuleList([T5LayerSelfAttention(cfg, has_relative_attention_bias), T5LayerFF(cfg)])
+
+    def forward(self, x: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
+        return self.layer[1](self.layer[0](x, position_bias))
+
+
+class T5Encoder(nn.Module):
+    """T5 v1.1 encoder: token ids (B, L) -> last hidden states (B, L, d_model), the FLUX `txt`.
+
+    Attribute names equal Hugging Face T5EncoderModel's keys. Its `encoder.embed_tokens` is the
+    same tensor as `shared` (tied); here it exists once, as `shared`.
+    """
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.cfg = cfg
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # ModuleDict only to reproduce the checkpoint's `encoder.` level (as nanoGPT does for GPT-2).
+        self.encoder = nn.ModuleDict(dict(
+            block=nn.ModuleList(T5Block(cfg, has_relative_attention_bias=i == 0) for i in range(cfg.num_layers)),
+            final_layer_norm=T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon),
+        ))
+
+    def position_bias(self, L: int) -> torch.Tensor:
+        """The additive attention bias of L tokens, shared by all blocks: (1, H, L, L)."""
+        cfg = self.cfg
+        table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias  # (buckets, H)
+        position = torch.arange(L, device=table.weight.device)
+        relative_position = position[None, :] - position[:, None]                     # (L, L): key - query
+        bucket = relative_position_bucket(relative_position, cfg.relative_attention_num_buckets,
+                                          cfg.relative_attention_max_distance)        # (L, L)
+        return table(bucket).permute(2, 0, 1)[None]                                   # (1, H, L, L)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, L) long -> last_hidden_state (B, L, d_model). No attention mask, as in FLUX."""
+        _check_ids("T5Encoder", input_ids, self.cfg.vocab_size)
+        B, L = input_ids.shape
+        x = self.shared(input_ids)  # (B, L, D)
+        bias = self.position_bias(L)
+        for block in self.encoder.block:
+            x = block(x, bias)
+        return self.encoder.final_layer_norm(x)  # (B, L, D)
+
 
 # -----------------------------------------------------------------------------------------------
 # CLIP text encoder                                                 (section owner: text helper)
+#
+# The text tower of CLIP ViT-L/14 [4] ("openai/clip-vit-large-patch14"). FLUX uses only its pooled
+# output: the final-LayerNorm state of the first <|endoftext|> token, which becomes the vector y
+# that modulates every FLUX block (no text projection). A GPT-2-style pre-LN transformer with
+# learned absolute positions, a causal mask, and quick_gelu. The causal mask means the padding
+# after <|endoftext|> cannot change the pooled state, so no padding mask is needed.
+# Attribute names equal the keys of Hugging Face's CLIPTextModel files (`text_model.encoder.
+# layers.3.self_attn.q_proj`, ...). Shape letters: B batch, L tokens, D hidden, H heads, Dh = D / H.
+
+
+@dataclass(kw_only=True)
+class CLIPTextConfig:
+    """Architecture of a CLIP text tower (field names as in Hugging Face's config.json)."""
+
+    vocab_size: int               # BPE vocabulary, <|startoftext|> and <|endoftext|> last (ViT-L/14: 49408)
+    hidden_size: int              # D, width of the residual stream (768)
+    intermediate_size: int        # hidden width of the MLP (3072)
+    num_hidden_layers: int        # transformer layers (12)
+    num_attention_heads: int      # H (12, so Dh = 64)
+    max_position_embeddings: int  # learned positions = longest token sequence (77)
+    layer_norm_eps: float         # LayerNorm epsilon (1e-5)
+
+    def __post_init__(self):
+        if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers,
+               self.num_attention_heads, self.max_position_embeddings) < 1:
+            raise ValueError(f"CLIPTextConfig sizes must be positive, got {self}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+
+
+CLIP_CONFIGS = {
+    "clip-vit-large-patch14": CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                             num_hidden_layers=12, num_attention_heads=12,
+                                             max_position_embeddings=77, layer_norm_eps=1e-5),
+    # For tests and notebooks: 2 layers, 4 heads x 8 channels.
+    "tiny": CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=77, layer_norm_eps=1e-5),
+}
+
+
+class CLIPTextOutput(NamedTuple):
+    """What CLIPText returns; unpacks as `last_hidden_state, pooled = clip(ids)`."""
+
+    last_hidden_state: torch.Tensor  # (B, L, D) after the final LayerNorm
+    pooled: torch.Tensor             # (B, D) the state at the first <|endoftext|>: FLUX's y
+
+
+class CLIPAttention(nn.Module):
+    """Causal multi-head self-attention, softmax(q k^T / sqrt(Dh) + causal mask) v, with biases."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.q_proj = nn.Linear(D, D)
+        self.k_proj = nn.Linear(D, D)
+        self.v_proj = nn.Linear(D, D)
+        self.out_proj = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D); token l sees tokens 0..l only."""
+        B, L, D = x.shape
+        H = self.num_heads
+        q = self.q_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.k_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
+        v = self.v_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, Dh)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))     # (B, L, D)
+
+
+class CLIPMLP(nn.Module):
+    """fc2(quick_gelu(fc1(x))), quick_gelu(x) = x * sigmoid(1.702 x) (OpenAI CLIP's GELU approximation)."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)                               # (B, L, intermediate_size)
+        return self.fc2(h * torch.sigmoid(1.702 * h))  # (B, L, D)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN block: x + attn(LN1(x)), then x + mlp(LN2(x))."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPText(nn.Module):
+    """CLIP text tower: token ids (B, L) -> CLIPTextOutput(last_hidden_state (B, L, D), pooled (B, D)).
+
+    pooled is taken at `argmax(input_ids)` of each row: <|endoftext|> has the largest id of the
+    vocabulary, and argmax returns the first maximum, so this is the first <|endoftext|> even when
+    the padding is <|endoftext|> too. It is what OpenAI's CLIP does, and what transformers does for
+    configs with the legacy eos_token_id = 2 (openai/clip-vit-large-patch14, the FLUX.1 copy, and
+    the files `save_clip_text` writes). A vocabulary whose <|endoftext|> is not its largest id
+    (none of CLIP's) would need the explicit "first id == eos" search instead.
+    """
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        # ModuleDicts only to reproduce the checkpoint's `text_model.embeddings.` and
+        # `text_model.encoder.` levels (as nanoGPT does for GPT-2's names).
+        self.text_model = nn.ModuleDict(dict(
+            embeddings=nn.ModuleDict(dict(
+                token_embedding=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+                position_embedding=nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size),
+            )),
+            encoder=nn.ModuleDict(dict(
+                layers=nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)),
+            )),
+            final_layer_norm=nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps),
+        ))
+
+    def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
+        """input_ids (B, L) long, L <= max_position_embeddings -> (last_hidden_state (B, L, D), pooled (B, D))."""
+        _check_ids("CLIPText", input_ids, self.cfg.vocab_size, self.cfg.max_position_embeddings)
+        B, L = input_ids.shape
+        tm = self.text_model
+        position = torch.arange(L, device=input_ids.device)
+        x = tm.embeddings.token_embedding(input_ids) + tm.embeddings.position_embedding(position)  # (B, L, D)
+        for layer in tm.encoder.layers:
+            x = layer(x)
+        x = tm.final_layer_norm(x)                                                  # (B, L, D)
+        pooled = x[torch.arange(B, device=x.device), input_ids.argmax(dim=-1)]      # (B, D)
+        return CLIPTextOutput(x, pooled)
+
 
 # -----------------------------------------------------------------------------------------------
 # Tokenizers                                                        (section owner: text helper)
+#
+# Prompt -> fixed-length id tensors, as FLUX's pipelines make them (padding="max_length",
+# truncation=True):
+#   CLIP  <|startoftext|> pieces <|endoftext|>, padded with <|endoftext|> to 77 ids. Byte-level
+#         BPE (Radford et al. 2019, GPT-2; Sennrich et al. 2016) on lower-cased, whitespace-cleaned
+#         text; a word's last piece carries the suffix `</w>`. Runs on the `tokenizers` library.
+#   T5    SentencePiece unigram pieces (Kudo 2018) then </s> = 1, padded with <pad> = 0 to
+#         max_length (FLUX.1: 256 for schnell, 512 for dev). No <s>. Runs on `sentencepiece`.
+# Both tokenizers truncate long prompts keeping the final end token, and warn naming the prompt.
+# The trainers build small vocabularies in the same file formats for the embedded model.
+
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+# OpenAI CLIP's word pattern (simple_tokenizer.py): the specials, English contractions, runs of
+# letters, single digits, runs of other non-space characters. Whitespace between them is dropped.
+_CLIP_WORD_PATTERN = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"
+
+
+def clip_byte_alphabet() -> dict[int, str]:
+    """Byte -> the printable character that stands for it in byte-level BPE, in vocabulary order.
+
+    GPT-2's scheme, which CLIP's vocabulary starts with: the 188 printable bytes ('!'..'~',
+    '¡'..'¬', '®'..'ÿ') stand for themselves and come first; the 68 others (controls, space,
+    ...) follow in byte order as chr(256), chr(257), ... So ids 0..255 are these characters and
+    ids 256..511 the same characters with `</w>` appended (CLIP: "a" = 94, "a</w>" = 320).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def _clip_pipeline(backend: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """Attach CLIP's text cleaning and word splitting to a `tokenizers` BPE model.
+
+    OpenAI's CLIP also runs ftfy and HTML unescaping first; transformers' CLIPTokenizer does not,
+    and neither do we (NFC normalisation, whitespace runs -> one space, lower case).
+    """
+    backend.normalizer = tokenizers.normalizers.Sequence([
+        tokenizers.normalizers.NFC(),
+        tokenizers.normalizers.Replace(tokenizers.Regex(r"\s+"), " "),
+        tokenizers.normalizers.Lowercase(),
+    ])
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        # invert=True: the pattern's matches are the words; what lies between them (spaces) is removed.
+        tokenizers.pre_tokenizers.Split(tokenizers.Regex(_CLIP_WORD_PATTERN), behavior="removed", invert=True),
+        # Each word's UTF-8 bytes -> clip_byte_alphabet characters (no further splitting).
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    return backend
+
+
+def _fixed_length(name: str, prompts: list[str], rows: list[list[int]], bos: int | None, eos: int, pad: int,
+                  max_length: int, decode: Callable[[list[int]], str]) -> torch.Tensor:
+    """[bos] + row + [eos] per prompt, cut to max_length (the eos is kept) and padded: (B, max_length) long."""
+    head = [] if bos is None else [bos]
+    room = max_length - len(head) - 1  # tokens of the prompt that fit
+    out = torch.full((len(rows), max_length), pad, dtype=torch.long)
+    for b, (prompt, row) in enumerate(zip(prompts, rows)):
+        if len(row) > room:
+            warnings.warn(f"{name} tokenizer: the prompt {prompt!r} has {len(row)} tokens but only {room} fit in "
+                          f"max_length={max_length}; dropped the end: {decode(row[room:])!r}", stacklevel=3)
+            row = row[:room]
+        ids = head + row + [eos]
+        out[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def _as_prompt_list(prompts: str | list[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
+    return prompts
+
+
+@dataclass
+class CLIPTokenizer:
+    """CLIP's BPE tokenizer: `tok(prompts)` -> ids (B, max_length), as transformers' CLIPTokenizer makes
+    them with padding="max_length", truncation=True (<|startoftext|> ... <|endoftext|>, then padding)."""
+
+    backend: tokenizers.Tokenizer  # BPE model + CLIP cleaning / splitting (see _clip_pipeline)
+    max_length: int                # ids per prompt, specials included (CLIP: 77 = its positions)
+    bos_id: int                    # <|startoftext|> (49406 in CLIP)
+    eos_id: int                    # <|endoftext|> (49407), also the padding and the unknown token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def tokenize(self, prompt: str) -> list[str]:
+        """The BPE pieces of one prompt, without specials ("red circles" -> ['red</w>', 'circles</w>'])."""
+        return self.backend.encode(prompt, add_special_tokens=False).tokens
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids -> text: pieces joined, `</w>` -> space, byte characters -> UTF-8."""
+        byte_to_char = clip_byte_alphabet()
+        char_to_byte = {c: b for b, c in byte_to_char.items()}
+        text = "".join(self.backend.id_to_token(i) for i in ids).replace("</w>", byte_to_char[ord(" ")])
+        return bytes(char_to_byte.get(c, ord("?")) for c in text).decode("utf-8", errors="replace").strip()
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        """prompts (B strings) -> input_ids (B, max_length) long."""
+        prompts = _as_prompt_list(prompts)
+        rows = [e.ids for e in self.backend.encode_batch(prompts, add_special_tokens=False)]
+        return _fixed_length("CLIP", prompts, rows, self.bos_id, self.eos_id, self.eos_id, self.max_length,
+                             self.decode)
+
+
+@dataclass
+class T5Tokenizer:
+    """T5's SentencePiece tokenizer: `tok(prompts)` -> ids (B, max_length), as transformers' T5Tokenizer
+    makes them with padding="max_length", truncation=True (pieces, </s> = 1, then <pad> = 0)."""
+
+    sp: sentencepiece.SentencePieceProcessor  # the unigram model of spiece.model
+    max_length: int                           # ids per prompt, </s> included (FLUX.1: 256 schnell, 512 dev)
+
+    @property
+    def vocab_size(self) -> int:
+        """Pieces in spiece.model (T5: 32000; its embedding has 32128 rows, for sentinels and padding)."""
+        return self.sp.get_piece_size()
+
+    def encode(self, prompt: str) -> list[int]:
+        """The piece ids of one prompt, without the final </s>.
+
+        <pad>, </s> and <unk> written in the prompt become their ids, and the text between them is
+        encoded separately, as transformers' T5Tokenizer does (SentencePiece alone would spell them
+        out). The 100 sentinels "<extra_id_N>" that transformers adds are not in spiece.model and
+        are spelled out here; FLUX prompts never use them.
+        """
+        specials = [self.sp.id_to_piece(i) for i in (self.sp.pad_id(), self.sp.eos_id(), self.sp.unk_id())]
+        parts = re.split("(" + "|".join(map(re.escape, specials)) + ")", prompt)  # text, special, text, ...
+        ids = []
+        for i, part in enumerate(parts):
+            ids += [self.sp.piece_to_id(part)] if i % 2 else self.sp.encode(part)
+        return ids
+
+    def tokenize(self, prompt: str) -> list[str]:
+        """The pieces of one prompt, without </s> ("red circles" -> ['▁red', '▁circle', 's'])."""
+        return [self.sp.id_to_piece(i) for i in self.encode(prompt)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        """prompts (B strings) -> input_ids (B, max_length) long."""
+        prompts = _as_prompt_list(prompts)
+        rows = [self.encode(p) for p in prompts]
+        return _fixed_length("T5", prompts, rows, None, self.sp.eos_id(), self.sp.pad_id(), self.max_length,
+                             self.decode)
+
+
+def _component_folder(path: str | Path, subfolder: str, marker: str, expected: str) -> Path:
+    """`path` if it holds `marker`, else `path/subfolder` if that does (path = a FLUX.1 repository root)."""
+    path = Path(path)
+    for folder in (path, path / subfolder):
+        if (folder / marker).is_file():
+            return folder
+    found = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else "no such folder"
+    raise CheckpointError(f"{path}: expected {expected}, or a FLUX.1 repository folder with {subfolder}/ "
+                          f"holding them; found {found}")
+
+
+def load_clip_tokenizer(path: str | Path, max_length: int = 77) -> CLIPTokenizer:
+    """Read a CLIP tokenizer folder (vocab.json + merges.txt) or a FLUX.1 repository root (its tokenizer/)."""
+    if max_length < 2:
+        raise ValueError(f"max_length must leave room for <|startoftext|> and <|endoftext|>, got {max_length}")
+    folder = _component_folder(path, "tokenizer", "vocab.json", "a CLIP tokenizer folder (vocab.json + merges.txt)")
+    if not (folder / "merges.txt").is_file():
+        raise CheckpointError(f"{folder}: has vocab.json but no merges.txt")
+    bpe = tokenizers.models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                          unk_token=CLIP_EOS, end_of_word_suffix="</w>",
+                                          continuing_subword_prefix="", fuse_unk=False)
+    backend = _clip_pipeline(tokenizers.Tokenizer(bpe))
+    bos_id, eos_id = backend.token_to_id(CLIP_BOS), backend.token_to_id(CLIP_EOS)
+    if bos_id is None or eos_id is None:
+        raise CheckpointError(f"{folder}/vocab.json has no {CLIP_BOS} or {CLIP_EOS}: not a CLIP vocabulary")
+    # Specials written in a prompt map to their ids instead of being split into pieces (as transformers).
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in (CLIP_BOS, CLIP_EOS)])
+    return CLIPTokenizer(backend, max_length, bos_id, eos_id)
+
+
+def load_t5_tokenizer(path: str | Path, max_length: int = 256) -> T5Tokenizer:
+    """Read a T5 tokenizer folder (spiece.model) or a FLUX.1 repository root (its tokenizer_2/)."""
+    if max_length < 1:
+        raise ValueError(f"max_length must leave room for </s>, got {max_length}")
+    folder = _component_folder(path, "tokenizer_2", "spiece.model", "a T5 tokenizer folder (spiece.model)")
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.load(str(folder / "spiece.model"))
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{folder / 'spiece.model'} is not a SentencePiece model: {e}") from None
+    layout = (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id())
+    if layout != (0, 1, 2, -1):
+        raise CheckpointError(f"{folder / 'spiece.model'}: ids (pad, eos, unk, bos) = {layout}, but T5 uses "
+                              f"(0, 1, 2, none)")
+    return T5Tokenizer(sp, max_length)
+
+
+def train_clip_bpe(corpus: list[str], vocab_size: int, folder: str | Path) -> Path:
+    """Learn a CLIP-format BPE vocabulary of at most vocab_size tokens on `corpus`; write it to `folder`.
+
+    Files: vocab.json, merges.txt ("#version: 0.2" + one merge per line), tokenizer_config.json and
+    special_tokens_map.json, as in FLUX.1's tokenizer/, so `load_clip_tokenizer` and transformers'
+    CLIPTokenizer read it. Vocabulary order as CLIP's: the 256 byte characters, their `</w>`
+    forms, one token per merge in merge order, <|startoftext|>, <|endoftext|> (the largest id, which
+    the argmax pooling of `CLIPText` relies on). To leave room for merges in a small vocabulary,
+    only characters occurring in the corpus get a `</w>` form (CLIP has all 256); a word ending in
+    another character encodes that piece as the unknown token <|endoftext|>. The merges are
+    learned by the `tokenizers` BPE trainer on the corpus, cleaned and split exactly as at
+    tokenization. The vocabulary is smaller than vocab_size when the corpus runs out of pairs.
+    """
+    byte_chars = list(clip_byte_alphabet().values())
+    backend = _clip_pipeline(tokenizers.Tokenizer(tokenizers.models.BPE(end_of_word_suffix="</w>")))
+    seen = {c for text in corpus for word, _ in backend.pre_tokenizer.pre_tokenize_str(
+        backend.normalizer.normalize_str(text)) for c in word}
+    vocab = {token: i for i, token in enumerate(byte_chars + [c + "</w>" for c in byte_chars if c in seen])}
+    if vocab_size < len(vocab) + 2:
+        raise ValueError(f"vocab_size {vocab_size} is too small: this corpus needs {len(vocab)} byte tokens + 2 "
+                         f"specials before any merge (256 bytes + {len(vocab) - 256} word-end forms)")
+    # The trainer's size counts its own alphabet (at most 256 bytes + 256 word-end forms) too, so
+    # 512 + vocab_size lets it learn at least as many merges as can be kept; BPE is greedy, so the
+    # first k merges of a longer run are the merges of a run stopped at k.
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=512 + vocab_size, show_progress=False,
+                                             initial_alphabet=byte_chars, end_of_word_suffix="</w>")
+    backend.train_from_iterator(corpus, trainer)
+    learned = json.loads(backend.to_str())["model"]["merges"]  # in learning order = application rank
+    merges = []
+    for pair in learned:
+        if len(vocab) == vocab_size - 2:
+            break
+        left, right = pair.split(" ") if isinstance(pair, str) else pair
+        assert left in vocab and right in vocab, f"merge {pair} uses a token outside the vocabulary"
+        merges.append(f"{left} {right}")
+        vocab.setdefault(left + right, len(vocab))
+    vocab[CLIP_BOS], vocab[CLIP_EOS] = len(vocab), len(vocab) + 1
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    specials = {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "pad_token": CLIP_EOS, "unk_token": CLIP_EOS}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+              "add_prefix_space": False, "errors": "replace", **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return folder
+
+
+def train_t5_sentencepiece(corpus: list[str], vocab_size: int, folder: str | Path) -> Path:
+    """Learn a T5-layout SentencePiece unigram model of about vocab_size pieces; write folder/spiece.model.
+
+    Ids as T5's: <pad> 0, </s> 1, <unk> 2, no <s>. Same normaliser as T5 (nmt_nfkc) and every
+    corpus character kept (character_coverage=1.0), so every corpus word encodes without <unk>.
+    vocab_size is a soft limit (hard_vocab_limit=False): a small corpus may support fewer pieces,
+    and the model then has fewer (`load_t5_tokenizer(...).vocab_size` tells). Also writes
+    tokenizer_config.json / special_tokens_map.json (with no sentinel <extra_id_*> tokens), so
+    transformers' T5Tokenizer reads the folder. Meant for small corpora (it seeds, see below).
+    """
+    if vocab_size < 4:
+        raise ValueError(f"vocab_size must exceed the 3 special pieces, got {vocab_size}")
+    # The unigram trainer starts from a large seed vocabulary and prunes it by EM (Kudo 2018,
+    # Sec. 3.2). SentencePiece's own seeds are the repeats found by a suffix array that can be
+    # extended in more than one way; in a small synthetic corpus every word is always followed by a
+    # space, so whole words are never proposed and the model falls back to letters (measured on
+    # the shape-world prompts: up to 50 pieces per prompt of at most 17 words). So we seed with every
+    # substring of "▁word" up to 16 characters (SentencePiece's longest piece), weighted by frequency.
+    word_counts = collections.Counter(w for text in corpus for w in text.split())
+    seeds = collections.Counter()
+    for word, n in word_counts.items():
+        word = "\u2581" + word
+        for i in range(len(word)):
+            for j in range(i + 2, min(len(word), i + 16) + 1):
+                seeds[word[i:j]] += n
+    model = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp:
+        seed_file = Path(tmp) / "seeds.tsv"
+        seed_file.write_text("".join(f"{piece}\t{n}\n" for piece, n in seeds.most_common()), encoding="utf-8")
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, character_coverage=1.0,
+            seed_sentencepieces_file=str(seed_file), num_threads=1, minloglevel=2)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 0,
+              "additional_special_tokens": [], **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return folder
+
 
 # -----------------------------------------------------------------------------------------------
 # Autoencoder                                                       (section owner: ae helper)
+#
+# The FLUX.1 autoencoder [1]: the KL-regularised convolutional autoencoder of latent diffusion [5],
+# with 16 latent channels and an 8x smaller grid. The encoder maps an image (B, 3, H, W) in [-1, 1]
+# to the mean and log-variance of a diagonal Gaussian over latents (B, 16, H/8, W/8); the decoder
+# maps a latent back to pixels. The flow runs on z = scale_factor * (mean - shift_factor), which
+# has roughly zero mean and unit variance; `decode` undoes that affine map first (flux.md sec. 3).
+# Rewards are computed on decoded images (the paper's reward r(x0_hat), Sec. 3), and gradient
+# guidance (DPS, App. E.1, Eq. 30) backpropagates through `decode`, so nothing here is no_grad.
+# Shape letters: B batch, C channels, H x W pixels, h x w latent grid, f = 2^(levels - 1).
+
+
+@dataclass(kw_only=True)
+class AutoEncoderParams:
+    """Architecture and latent normalisation of the FLUX autoencoder (BFL's `AutoEncoderParams`)."""
+
+    resolution: int              # training image size; metadata only, any multiple of f works (BFL: 256)
+    in_channels: int             # image channels encoded (RGB: 3)
+    ch: int                      # base width; level i has ch * ch_mult[i] channels (128)
+    out_ch: int                  # image channels decoded (RGB: 3)
+    ch_mult: tuple[int, ...]     # width multiplier per level; len - 1 = number of 2x resamplings ((1, 2, 4, 4): 8x)
+    num_res_blocks: int          # ResnetBlocks per encoder level; the decoder has one more per level (2)
+    z_channels: int              # latent channels (16)
+    scale_factor: float          # z = scale_factor * (mean - shift_factor): latent scale (0.3611)
+    shift_factor: float          # latent shift (0.1159)
+    num_groups: int = 32         # groups of every GroupNorm (BFL hard-codes 32; diffusers' norm_num_groups)
+
+    def __post_init__(self):
+        self.ch_mult = tuple(self.ch_mult)
+        if not self.ch_mult or min(self.ch_mult) < 1 or self.ch < 1 or self.num_res_blocks < 1:
+            raise ValueError(f"ch, num_res_blocks and every ch_mult must be positive, got ch={self.ch}, "
+                             f"ch_mult={list(self.ch_mult)}, num_res_blocks={self.num_res_blocks}")
+        widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
+        if any(w % self.num_groups for w in widths):
+            raise ValueError(f"every width {widths} (ch * ch_mult) must be divisible by num_groups {self.num_groups}")
+        if self.scale_factor == 0:
+            raise ValueError("scale_factor must be non-zero (decode divides by it)")
+
+    @property
+    def downsample(self) -> int:
+        """f: pixels per latent cell along each side (8 for FLUX)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+AE_CONFIGS = {
+    "flux": AutoEncoderParams(resolution=256, in_channels=3, ch=128, out_ch=3, ch_mult=(1, 2, 4, 4),
+                              num_res_blocks=2, z_channels=16, scale_factor=0.3611, shift_factor=0.1159),
+    # For tests and notebooks: the same architecture with 2 levels (f = 2), 16/32 channels, 8 groups.
+    "tiny": AutoEncoderParams(resolution=32, in_channels=3, ch=16, out_ch=3, ch_mult=(1, 2), num_res_blocks=1,
+                              z_channels=4, scale_factor=0.3611, shift_factor=0.1159, num_groups=8),
+}
+
+
+class ResnetBlock(nn.Module):
+    """x + conv(swish(GN(conv(swish(GN(x)))))), the skip through a 1x1 conv when the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(num_groups, out_channels, eps=1e-6)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        # nn.Identity has no tensors, so blocks that keep their width have no nin_shortcut key, as in BFL.
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h * w grid cells (only in the middle of each half).
+
+    q, k, v and proj_out are 1x1 convolutions, as in the BFL checkpoint (diffusers stores them as
+    Linear layers; `ae_diffusers_table` converts).
+    """
+
+    def __init__(self, channels: int, num_groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups, channels, eps=1e-6)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # One head of width C over the H * W cells: (B, C, H, W) -> (B, heads = 1, HW, C).
+        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), softmax(q k^T / sqrt(C)) v
+        h = h.transpose(2, 3).reshape(B, C, H, W)    # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve the grid: pad one zero row and column at the bottom/right, then a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Asymmetric padding (LDM's choice): an even H maps to exactly H/2.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double the grid: nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _mid(channels: int, num_groups: int) -> nn.Module:
+    """ResnetBlock, AttnBlock, ResnetBlock at the lowest resolution (`mid.block_1 / attn_1 / block_2`)."""
+    mid = nn.Module()  # a bare container, so that the attribute names are the checkpoint's
+    mid.block_1 = ResnetBlock(channels, channels, num_groups)
+    mid.attn_1 = AttnBlock(channels, num_groups)
+    mid.block_2 = ResnetBlock(channels, channels, num_groups)
+    return mid
+
+
+class AEEncoder(nn.Module):
+    """Image (B, in_channels, H, W) -> posterior parameters (B, 2 z_channels, H/f, W/f) = [mean | logvar]."""
+
+    def __init__(self, params: AutoEncoderParams):
+        super().__init__()
+        G = params.num_groups
+        self.conv_in = nn.Conv2d(params.in_channels, params.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        block_in = params.ch
+        for i, mult in enumerate(params.ch_mult):
+            level = nn.Module()  # `down.{i}.block.{j}`, `down.{i}.downsample` as in BFL
+            block_out = params.ch * mult
+            level.block = nn.ModuleList(ResnetBlock(block_in if j == 0 else block_out, block_out, G)
+                                        for j in range(params.num_res_blocks))
+            block_in = block_out
+            level.downsample = Downsample(block_in) if i != len(params.ch_mult) - 1 else nn.Identity()
+            self.down.append(level)
+        self.mid = _mid(block_in, G)
+        self.norm_out = nn.GroupNorm(G, block_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(block_in, 2 * params.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AEDecoder(nn.Module):
+    """Latent (B, z_channels, h, w) -> image (B, out_ch, f h, f w)."""
+
+    def __init__(self, params: AutoEncoderParams):
+        super().__init__()
+        G = params.num_groups
+        block_in = params.ch * params.ch_mult[-1]
+        self.conv_in = nn.Conv2d(params.z_channels, block_in, 3, padding=1)
+        self.mid = _mid(block_in, G)
+        up = []
+        for i in reversed(range(len(params.ch_mult))):  # built (and run) from the lowest resolution up
+            level = nn.Module()  # `up.{i}.block.{j}`, `up.{i}.upsample` as in BFL
+            block_out = params.ch * params.ch_mult[i]
+            level.block = nn.ModuleList(ResnetBlock(block_in if j == 0 else block_out, block_out, G)
+                                        for j in range(params.num_res_blocks + 1))
+            block_in = block_out
+            level.upsample = Upsample(block_in) if i != 0 else nn.Identity()
+            up.insert(0, level)
+        # BFL indexes the levels by resolution, up.0 = full resolution, though it runs them last to
+        # first (diffusers' up_blocks are numbered in running order: up_blocks.0 = BFL up.{n-1}).
+        self.up = nn.ModuleList(up)
+        self.norm_out = nn.GroupNorm(G, block_in, eps=1e-6)
+        self.conv_out = nn.Conv2d(block_in, params.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoEncoder(nn.Module):
+    """The FLUX.1 autoencoder: `encode` images to flow latents, `decode` latents to images.
+
+    Attribute names equal the BFL `ae.safetensors` keys (`decoder.up.3.block.0.norm1.weight`, ...).
+    """
+
+    def __init__(self, params: AutoEncoderParams):
+        super().__init__()
+        self.params = params
+        self.encoder = AEEncoder(params)
+        self.decoder = AEDecoder(params)
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Image x (B, in_channels, H, W) in [-1, 1] -> flow latent z (B, z_channels, H/f, W/f).
+
+        z = scale_factor * (mean - shift_factor) of the encoder's Gaussian posterior (flux.md sec. 3),
+        deterministic like diffusers' `latent_dist.mean`. With a `generator`, a posterior draw
+        mean + exp(logvar / 2) * eps replaces the mean (what BFL's `DiagonalGaussian` does by default).
+        H and W must be multiples of f (8 for FLUX) so that `decode` returns the same size.
+        """
+        p = self.params
+        if x.ndim != 4 or x.shape[1] != p.in_channels or x.shape[2] % p.downsample or x.shape[3] % p.downsample:
+            raise ValueError(f"encode expects images (B, {p.in_channels}, H, W) with H and W multiples of "
+                             f"{p.downsample}, got {tuple(x.shape)}")
+        mean, logvar = self.encoder(x).chunk(2, dim=1)  # 2 x (B, z_channels, h, w)
+        latent = mean
+        if generator is not None:
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
+            latent = mean + torch.exp(0.5 * logvar) * eps.to(mean.device)
+        return p.scale_factor * (latent - p.shift_factor)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Flow latent z (B, z_channels, h, w) -> image (B, out_ch, f h, f w), nominally in [-1, 1].
+
+        The decoder sees z / scale_factor + shift_factor, the inverse of `encode`'s map. The output
+        is not clamped (the FLUX pipelines clamp to [-1, 1] only when writing pixels), so gradients
+        reach every pixel.
+        """
+        if z.ndim != 4 or z.shape[1] != self.params.z_channels:
+            raise ValueError(f"decode expects latents (B, {self.params.z_channels}, h, w), got {tuple(z.shape)}")
+        return self.decoder(z / self.params.scale_factor + self.params.shift_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)): the reconstruction of x (B, in_channels, H, W)."""
+        return self.decode(self.encode(x))
+
 
 # -----------------------------------------------------------------------------------------------
 # Loaders for the real release files                   (each helper adds its own load_* function)
@@ -847,6 +1723,382 @@ def save_flux(model: Flux, folder: str | Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_file(flux_to_diffusers(state, p), str(folder / "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+# T5 and CLIP: Hugging Face transformers folders --------------------------------------------------
+
+
+def _config_from_json(cls, config: dict, source: Path):
+    """T5Config / CLIPTextConfig from a transformers config.json (its field names are ours)."""
+    names = list(cls.__dataclass_fields__)
+    missing = [n for n in names if n not in config]
+    if missing:
+        raise CheckpointError(f"{source}: missing {cls.__name__} fields {missing}")
+    try:
+        return cls(**{n: config[n] for n in names})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid {cls.__name__}: {e}") from None
+
+
+def t5_config_from_json(config: dict, source: Path) -> T5Config:
+    """A transformers T5 config.json -> T5Config; only v1.1 encoders (gated GELU) are supported."""
+    activation = config.get("feed_forward_proj", "relu")
+    if activation != "gated-gelu" or config.get("dense_act_fn", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{source}: feed_forward_proj={activation!r}, dense_act_fn="
+                              f"{config.get('dense_act_fn')!r}; only T5 v1.1's 'gated-gelu' (tanh GELU) is "
+                              f"implemented (the original T5 uses 'relu' and other weight names)")
+    return _config_from_json(T5Config, config, source)
+
+
+def clip_text_config_from_json(config: dict, source: Path) -> CLIPTextConfig:
+    """A transformers CLIPTextModel config.json -> CLIPTextConfig; only quick_gelu towers (OpenAI CLIP)."""
+    if "text_config" in config:
+        raise CheckpointError(f"{source} is a full CLIPModel config; point to a CLIPTextModel folder "
+                              f"(FLUX.1's text_encoder/)")
+    if config.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise CheckpointError(f"{source}: hidden_act={config['hidden_act']!r}; only OpenAI CLIP's "
+                              f"'quick_gelu' is implemented")
+    return _config_from_json(CLIPTextConfig, config, source)
+
+
+def t5_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The one remap of T5 files: `encoder.embed_tokens.weight` is `shared.weight` (tied in
+    transformers). Files normally store only `shared.weight`; some store both, or only the former."""
+    embed_tokens = state.pop("encoder.embed_tokens.weight", None)
+    if embed_tokens is not None:
+        state.setdefault("shared.weight", embed_tokens)
+    return state
+
+
+def clip_text_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The one remap of CLIP text files: keys get the `text_model.` prefix when they lack it
+    (transformers 5 saves CLIPTextModel without it, 4.x and the FLUX.1 release with it), and the
+    `position_ids` buffer some old files stored (it is arange(77), recomputed here) is dropped."""
+    state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+    state.pop("text_model.embeddings.position_ids", None)
+    return state
+
+
+def load_t5(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> T5Encoder:
+    """Load a T5 v1.1 encoder from a transformers folder (FLUX.1's text_encoder_2/: config.json +
+    model.safetensors, or model.safetensors.index.json + shards) or a FLUX.1 repository root.
+
+    Strict: every tensor must match (see `load_checkpoint_into`); built on the meta device, the file's
+    tensors are adopted (cast to `dtype` if given, e.g. torch.bfloat16 as BFL runs it).
+    """
+    folder = _component_folder(path, "text_encoder_2", "config.json",
+                               "a T5 encoder folder (config.json + model.safetensors or model.safetensors.index.json)")
+    cfg = t5_config_from_json(_read_json(folder / "config.json"), folder / "config.json")
+    state = t5_from_transformers(read_sharded_folder(folder, "model"))
+    with torch.device("meta"):
+        model = T5Encoder(cfg)
+    return load_checkpoint_into(model, state, folder, dtype=dtype, device=device)
+
+
+def load_clip_text(path: str | Path, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None) -> CLIPText:
+    """Load a CLIP text tower from a transformers folder (FLUX.1's text_encoder/: config.json +
+    model.safetensors, or an index + shards) or a FLUX.1 repository root. Strict, meta-device, as load_t5."""
+    folder = _component_folder(path, "text_encoder", "config.json",
+                               "a CLIP text encoder folder (config.json + model.safetensors or "
+                               "model.safetensors.index.json)")
+    cfg = clip_text_config_from_json(_read_json(folder / "config.json"), folder / "config.json")
+    state = clip_text_from_transformers(read_sharded_folder(folder, "model"))
+    with torch.device("meta"):
+        model = CLIPText(cfg)
+    return load_checkpoint_into(model, state, folder, dtype=dtype, device=device)
+
+
+def _save_transformers_folder(model: nn.Module, config: dict, folder: str | Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_t5(model: T5Encoder, folder: str | Path) -> None:
+    """Write `model` as FLUX.1's text_encoder_2/ (config.json + model.safetensors), which `load_t5` and
+    transformers' T5EncoderModel.from_pretrained both read. Only `shared.weight` is stored for the
+    tied embedding, as transformers does."""
+    config = {"architectures": ["T5EncoderModel"], "model_type": "t5", **asdict(model.cfg),
+              "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True,
+              "is_encoder_decoder": False, "use_cache": False, "dropout_rate": 0.0, "tie_word_embeddings": False,
+              "pad_token_id": 0, "eos_token_id": 1, "dtype": str(model.shared.weight.dtype).removeprefix("torch.")}
+    _save_transformers_folder(model, config, folder)
+
+
+def save_clip_text(model: CLIPText, folder: str | Path) -> None:
+    """Write `model` as FLUX.1's text_encoder/ (config.json + model.safetensors, keys prefixed
+    `text_model.` as in the release), which `load_clip_text` and transformers' CLIPTextModel read.
+
+    The config carries OpenAI's legacy eos_token_id = 2 on purpose: with it, transformers pools at
+    argmax(input_ids), exactly as `CLIPText` does, for any vocabulary size.
+    """
+    config = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", **asdict(model.cfg),
+              "hidden_act": "quick_gelu", "projection_dim": model.cfg.hidden_size, "attention_dropout": 0.0,
+              "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+              "dtype": str(model.text_model.final_layer_norm.weight.dtype).removeprefix("torch.")}
+    _save_transformers_folder(model, config, folder)
+
+
+# Autoencoder: BFL ae.safetensors and diffusers vae/ folders -------------------------------------
+
+# BFL's mid-block attention projections are 1x1 Conv2d, weight (C, C, 1, 1); diffusers' are Linear, (C, C).
+_AE_ATTENTION_PROJECTIONS = ("q", "k", "v", "proj_out")
+
+
+def ae_diffusers_table(params: AutoEncoderParams) -> dict[str, str]:
+    """The one BFL <-> diffusers name table for the autoencoder: BFL module -> diffusers module.
+
+    Weights and biases keep their leaf names. The formats differ in three ways: diffusers groups a
+    level's blocks as `down_blocks.{i}.resnets.{j}` / `downsamplers.0` and numbers the decoder's
+    levels in running order (BFL `up.{i}` = diffusers `up_blocks.{n-1-i}`); a few modules are
+    renamed (nin_shortcut, norm_out, the mid block, the attention projections); and the attention
+    projections are Linear in diffusers but 1x1 convs in BFL (`_AE_ATTENTION_PROJECTIONS`, reshaped
+    by `ae_from_diffusers` / `ae_to_diffusers`). Every ResnetBlock is listed with a shortcut; only
+    those that change width have one.
+    """
+    n = len(params.ch_mult)
+
+    def resnet(bfl: str, diffusers: str) -> dict[str, str]:
+        return {f"{bfl}.{a}": f"{diffusers}.{b}" for a, b in (
+            ("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
+            ("nin_shortcut", "conv_shortcut"))}
+
+    table: dict[str, str] = {}
+    for side in ("encoder", "decoder"):
+        table |= {
+            f"{side}.conv_in": f"{side}.conv_in",
+            f"{side}.norm_out": f"{side}.conv_norm_out",
+            f"{side}.conv_out": f"{side}.conv_out",
+            f"{side}.mid.attn_1.norm": f"{side}.mid_block.attentions.0.group_norm",
+            f"{side}.mid.attn_1.q": f"{side}.mid_block.attentions.0.to_q",
+            f"{side}.mid.attn_1.k": f"{side}.mid_block.attentions.0.to_k",
+            f"{side}.mid.attn_1.v": f"{side}.mid_block.attentions.0.to_v",
+            f"{side}.mid.attn_1.proj_out": f"{side}.mid_block.attentions.0.to_out.0",
+        }
+        table |= resnet(f"{side}.mid.block_1", f"{side}.mid_block.resnets.0")
+        table |= resnet(f"{side}.mid.block_2", f"{side}.mid_block.resnets.1")
+    for i in range(n):
+        for j in range(params.num_res_blocks):
+            table |= resnet(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}")
+        if i != n - 1:
+            table[f"encoder.down.{i}.downsample.conv"] = f"encoder.down_blocks.{i}.downsamplers.0.conv"
+        for j in range(params.num_res_blocks + 1):
+            table |= resnet(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{n - 1 - i}.resnets.{j}")
+        if i != 0:
+            table[f"decoder.up.{i}.upsample.conv"] = f"decoder.up_blocks.{n - 1 - i}.upsamplers.0.conv"
+    return table
+
+
+def _is_attention_projection(bfl_key: str) -> bool:
+    module, leaf = bfl_key.rsplit(".", 1)
+    return leaf == "weight" and ".mid.attn_1." in bfl_key and module.rsplit(".", 1)[1] in _AE_ATTENTION_PROJECTIONS
+
+
+def ae_from_diffusers(state: dict[str, torch.Tensor], params: AutoEncoderParams) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL tensors -> BFL names (consumes `state` as it goes).
+
+    Tensors the table does not know are passed through under their diffusers names, so that the
+    strict load reports them as unexpected (and the BFL tensors they should have been as missing).
+    """
+    table = ae_diffusers_table(params)
+    with torch.device("meta"):
+        bfl_keys = list(AutoEncoder(params).state_dict())
+    out = {}
+    for key in bfl_keys:
+        module, leaf = key.rsplit(".", 1)
+        name = f"{table[module]}.{leaf}"
+        if name not in state:
+            continue
+        t = state.pop(name)
+        if _is_attention_projection(key) and t.ndim == 2:
+            t = t[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
+        out[key] = t
+    out.update(state)  # leftovers: reported as unexpected by the strict load
+    return out
+
+
+def ae_to_diffusers(state: dict[str, torch.Tensor], params: AutoEncoderParams) -> dict[str, torch.Tensor]:
+    """BFL-named autoencoder tensors -> diffusers names: the inverse of `ae_from_diffusers`."""
+    table = ae_diffusers_table(params)
+    out = {}
+    for key, t in state.items():
+        module, leaf = key.rsplit(".", 1)
+        if _is_attention_projection(key):
+            assert t.shape[2:] == (1, 1), f"{key} should be a 1x1 conv weight, got {tuple(t.shape)}"
+            t = t[:, :, 0, 0]  # 1x1 conv (C, C, 1, 1) -> Linear (C, C)
+        out[f"{table[module]}.{leaf}"] = t.contiguous()
+    return out
+
+
+# Every field of diffusers' AutoencoderKL config.json. Those not in this list are an error; the
+# ones FLUX's architecture fixes are checked in `_ae_params_from_diffusers_config`.
+_DIFFUSERS_AE_FIELDS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                        "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "sample_size",
+                        "scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast",
+                        "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+
+
+def _ae_params_from_diffusers_config(config: dict, source: Path) -> AutoEncoderParams:
+    """A diffusers AutoencoderKL config.json -> AutoEncoderParams.
+
+    Missing fields take diffusers' defaults (which are Stable Diffusion's, not FLUX's: a config
+    without `use_quant_conv: false` describes a VAE with quant convs, which FLUX does not have).
+    """
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_AE_FIELDS)
+    block_out = list(config.get("block_out_channels", [64]))
+    n = len(block_out)
+    problems = [f"unknown fields {unknown}"] if unknown else []
+    expected = {"act_fn": "silu", "use_quant_conv": False, "use_post_quant_conv": False,
+                "mid_block_add_attention": True, "latents_mean": None, "latents_std": None,
+                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
+    defaults = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+                "down_block_types": ["DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D"]}
+    for field, value in expected.items():
+        got = config.get(field, defaults.get(field))
+        if (list(got) if isinstance(got, (list, tuple)) else got) != value:
+            problems.append(f"{field} = {got!r} (FLUX's autoencoder needs {value!r})")
+    if any(b % block_out[0] for b in block_out):
+        problems.append(f"block_out_channels {block_out} are not multiples of the first")
+    if problems:
+        raise CheckpointError(f"{source}: not a FLUX-style AutoencoderKL config: " + "; ".join(problems))
+    shift = config.get("shift_factor")
+    try:
+        return AutoEncoderParams(resolution=config.get("sample_size", 32), in_channels=config.get("in_channels", 3),
+                                 ch=block_out[0], out_ch=config.get("out_channels", 3),
+                                 ch_mult=tuple(b // block_out[0] for b in block_out),
+                                 num_res_blocks=config.get("layers_per_block", 1),
+                                 z_channels=config.get("latent_channels", 4),
+                                 scale_factor=config.get("scaling_factor", 0.18215),
+                                 shift_factor=0.0 if shift is None else shift,
+                                 num_groups=config.get("norm_num_groups", 32))
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _ae_params_from_shapes(state: dict[str, torch.Tensor], source: Path) -> AutoEncoderParams:
+    """Infer AutoEncoderParams from the tensor shapes of a BFL `ae.safetensors`.
+
+    The shapes fix every width and depth; the GroupNorm group count and the latent scale and
+    shift are not stored in the file, so they are FLUX.1's (32, 0.3611, 0.1159).
+    """
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise CheckpointError(f"{source}: no tensor {key}, cannot infer the autoencoder config "
+                                  f"(is this a FLUX ae.safetensors? pass config= to load it anyway)")
+        return tuple(state[key].shape)
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    levels = len({k.split(".")[2] for k in state if k.startswith("encoder.down.")})
+    widths = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(max(levels, 1))]
+    if any(w % ch for w in widths):
+        raise CheckpointError(f"{source}: level widths {widths} are not multiples of conv_in's {ch} channels")
+    num_res_blocks = len({k.split(".")[4] for k in state if k.startswith("encoder.down.0.block.")})
+    flux = AE_CONFIGS["flux"]
+    try:
+        return AutoEncoderParams(resolution=flux.resolution, in_channels=in_channels, ch=ch,
+                                 out_ch=shape("decoder.conv_out.weight")[0], ch_mult=tuple(w // ch for w in widths),
+                                 num_res_blocks=num_res_blocks,
+                                 z_channels=shape("decoder.conv_in.weight")[1], scale_factor=flux.scale_factor,
+                                 shift_factor=flux.shift_factor, num_groups=flux.num_groups)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: inferred an invalid autoencoder config: {e}") from None
+
+
+def load_autoencoder(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     config: AutoEncoderParams | str | None = None) -> AutoEncoder:
+    """Load the FLUX autoencoder from any of the FLUX.1 release layouts.
+
+    path is one of
+      - a BFL single file (`ae.safetensors`). The widths and depths are inferred from the tensor
+        shapes; GroupNorm groups, scale and shift come from `config=`, else from a diffusers
+        AutoencoderKL config.json next to the file, else are FLUX.1's (32, 0.3611, 0.1159).
+      - a diffusers `vae/` folder: config.json + diffusion_pytorch_model.safetensors (or
+        .safetensors.index.json + shards), names converted by `ae_diffusers_table`. A
+        diffusion_pytorch_model.safetensors file given directly is read with the config.json beside it.
+      - a whole FLUX.1 repository folder (it has `vae/` or `ae.safetensors`; `vae/` wins).
+    config (an AutoEncoderParams or an AE_CONFIGS name) overrides what the files say; the load is
+    strict either way. The model is built on the meta device and adopts the file's tensors (cast to
+    `dtype` if given, moved to `device`).
+    """
+    path = Path(path)
+    if isinstance(config, str):
+        if config not in AE_CONFIGS:
+            raise ValueError(f"unknown autoencoder config {config!r}; known: {sorted(AE_CONFIGS)}")
+        config = AE_CONFIGS[config]
+    if path.is_dir():
+        folder = path / "vae" if (path / "vae").is_dir() else path
+        single = path / "ae.safetensors"
+        has_weights = any((folder / f"diffusion_pytorch_model.safetensors{suffix}").is_file()
+                          for suffix in ("", ".index.json"))
+        if (folder / "config.json").is_file() and (has_weights or not single.is_file()):
+            params = config or _ae_params_from_diffusers_config(_read_json(folder / "config.json"),
+                                                               folder / "config.json")
+            state = ae_from_diffusers(read_sharded_folder(folder, "diffusion_pytorch_model"), params)
+            return _load_ae_state(params, state, folder, device, dtype)
+        if not single.is_file():
+            found = sorted(p.name for p in path.iterdir())
+            raise CheckpointError(
+                f"{path}: not an autoencoder checkpoint folder. Expected a diffusers vae folder "
+                f"(config.json + diffusion_pytorch_model.safetensors, or "
+                f"diffusion_pytorch_model.safetensors.index.json + shards), a repository folder with "
+                f"vae/, or a BFL ae.safetensors; found {found[:10]}")
+        path = single
+    if not path.is_file():
+        raise CheckpointError(f"autoencoder checkpoint not found: {path}")
+
+    state = read_safetensors(path)
+    beside = path.parent / "config.json"
+    # Only an AutoencoderKL config counts: the same folder may hold another model's config.json.
+    file_config = _read_json(beside) if beside.is_file() else {}
+    if file_config.get("_class_name") != "AutoencoderKL":
+        file_config = None
+    if "decoder.conv_norm_out.weight" in state:  # a diffusers-named single file
+        if config is None and file_config is None:
+            raise CheckpointError(f"{path} has diffusers tensor names: put its AutoencoderKL config.json "
+                                  f"next to it, or pass config=")
+        params = config or _ae_params_from_diffusers_config(file_config, beside)
+        return _load_ae_state(params, ae_from_diffusers(state, params), path, device, dtype)
+    if config is None:
+        config = (_ae_params_from_diffusers_config(file_config, beside) if file_config is not None
+                  else _ae_params_from_shapes(state, path))
+    return _load_ae_state(config, state, path, device, dtype)
+
+
+def _load_ae_state(params: AutoEncoderParams, state: dict[str, torch.Tensor], source: Path,
+                   device: str | torch.device, dtype: torch.dtype | None) -> AutoEncoder:
+    with torch.device("meta"):
+        model = AutoEncoder(params)
+    return load_checkpoint_into(model, state, source, dtype=dtype, device=device)
+
+
+def save_autoencoder(model: AutoEncoder, folder: str | Path) -> None:
+    """Write `model` as a diffusers vae folder: config.json + diffusion_pytorch_model.safetensors.
+
+    The files are in the real FLUX.1 release format: `load_autoencoder` and diffusers'
+    `AutoencoderKL.from_pretrained` both read them.
+    """
+    p = model.params
+    if p.ch_mult[0] != 1:
+        raise ValueError(f"diffusers' AutoencoderKL has no conv_in -> first level width change: ch_mult must "
+                         f"start with 1, got {list(p.ch_mult)}")
+    n = len(p.ch_mult)
+    config = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1",
+              "in_channels": p.in_channels, "out_channels": p.out_ch,
+              "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+              "block_out_channels": [p.ch * m for m in p.ch_mult], "layers_per_block": p.num_res_blocks,
+              "act_fn": "silu", "latent_channels": p.z_channels, "norm_num_groups": p.num_groups,
+              "sample_size": p.resolution, "scaling_factor": p.scale_factor, "shift_factor": p.shift_factor,
+              "latents_mean": None, "latents_std": None, "force_upcast": True,
+              "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_file(ae_to_diffusers(state, p), str(folder / "diffusion_pytorch_model.safetensors"),
               metadata={"format": "pt"})
 
 
