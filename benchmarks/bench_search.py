@@ -1,0 +1,133 @@
+"""The search algorithms' own overhead: everything but velocity and reward calls, as a share of wall time.
+
+    python benchmarks/bench_search.py                  # every method at 500 NFE, one prompt
+    python benchmarks/bench_search.py --ms 5 --runs 5  # a costlier velocity, more repetitions
+
+The velocity is a per-token MLP (64 -> hidden -> 64 on a (16, 64) latent, applied `repeat` times),
+calibrated so that one call on 2 rows (RBF's and SVDD's smallest calls) costs at least `--ms`
+milliseconds; larger calls cost proportionally more, like a network. The reward is a cheap
+differentiable function of x0_hat. Velocity forward, reward forward, and (for the dps methods) their
+backward passes are timed (the backward passes with tensor hooks at their start and end); what is
+left of the wall time is the search's own work: noise, SDE steps, the Linear -> VP conversion
+arithmetic, Tweedie, selection, weights and bookkeeping. Each method runs with its paper dynamics
+(BoN and SoP on the linear ODE, the others on VP-SDE) and default knobs; the median of `--runs`
+runs is reported.
+
+This is a benchmark, not a test: the numbers depend on the machine and on what else runs on it.
+"""
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import search  # noqa: E402
+
+
+class Clock:
+    """Accumulates the seconds spent in velocity and reward work, forward and backward."""
+
+    def __init__(self):
+        self.model = 0.0
+        self._start = 0.0
+
+    def begin(self, *_):
+        self._start = time.perf_counter()
+
+    def end(self, *_):
+        self.model += time.perf_counter() - self._start
+
+
+def make_problem(clock: Clock, hidden: int, repeat: int, dynamics: str) -> search.Problem:
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 64))
+    mlp.requires_grad_(False)
+    target = torch.randn(16, 64)
+
+    def velocity(x, t, prompt):  # x (B, 16, 64), t (B,)
+        clock.begin()
+        u = x
+        for _ in range(repeat):
+            u = u + 0.1 * torch.tanh(mlp(u)) * t[:, None, None]  # bounded, so any depth stays finite
+        clock.end()
+        if x.requires_grad:  # time the backward through the network too, from dL/du to dL/dx
+            u.register_hook(lambda g: clock.begin())
+            x.register_hook(lambda g: clock.end())
+        return u - x
+
+    def reward(x0, prompt):  # (B, 16, 64) -> (B,)
+        clock.begin()
+        r = -((x0 - target) ** 2).mean(dim=(1, 2))
+        clock.end()
+        if x0.requires_grad:
+            r.register_hook(lambda g: clock.begin())
+            x0.register_hook(lambda g: clock.end())
+        return r
+
+    return search.Problem(velocity, reward, (16, 64), reward_name="distance", differentiable=True,
+                          dynamics=dynamics)
+
+
+def calibrate(hidden: int, ms: float) -> int:
+    """Smallest `repeat` such that a 2-row velocity call costs at least `ms` milliseconds (median of 20)."""
+    clock = Clock()
+    for repeat in range(1, 1000):
+        pb = make_problem(clock, hidden, repeat, "linear-ode")
+        x, t, p = torch.randn(2, 16, 64), torch.rand(2), torch.zeros(2, dtype=torch.long)
+        times = []
+        for _ in range(20):
+            start = time.perf_counter()
+            pb.velocity(x, t, p)
+            times.append(time.perf_counter() - start)
+        if 1e3 * statistics.median(times) >= ms:
+            return repeat
+    raise RuntimeError("could not reach the requested cost")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--nfe", type=int, default=500, help="budget per prompt")
+    parser.add_argument("--ms", type=float, default=1.0, help="minimum cost of one 2-row velocity call")
+    parser.add_argument("--hidden", type=int, default=512, help="MLP width")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions per method (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    repeat = calibrate(args.hidden, args.ms)
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
+          f"velocity: {repeat} x MLP 64-{args.hidden}-64 on (16, 64) latents, >= {args.ms} ms per 2-row call\n")
+    print("| method | dynamics | NFE used | velocity calls | wall ms | model ms | overhead ms | overhead % "
+          "| overhead us / NFE |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for method in search.METHODS:
+        dynamics = "linear-ode" if method in ("bon", "sop") else "vp-sde"
+        rows = []
+        for _ in range(args.runs):
+            clock = Clock()
+            pb = make_problem(clock, args.hidden, repeat, dynamics)
+            calls = [0]
+            velocity = pb.velocity
+
+            def counted(x, t, p, velocity=velocity):
+                calls[0] += 1
+                return velocity(x, t, p)
+
+            pb.velocity = counted
+            start = time.perf_counter()
+            res = search.run(method, pb, args.nfe, generator=torch.Generator().manual_seed(0))
+            wall = time.perf_counter() - start
+            rows.append((wall, clock.model, int(res.nfe_used[0]), calls[0]))
+        wall, model = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+        over = wall - model
+        nfe, calls = rows[0][2], rows[0][3]
+        print(f"| {method} | {dynamics} | {nfe} | {calls} | {1e3 * wall:.0f} | {1e3 * model:.0f} | {1e3 * over:.1f} | "
+              f"{100 * over / wall:.1f} | {1e6 * over / nfe:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

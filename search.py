@@ -1,0 +1,781 @@
+"""
+Inference-time search for flow models: the paper's idea 3 (Rollover Budget Forcing) and every baseline.
+
+Kim, Yoon, Hwang, Sung 2025, "Inference-Time Scaling for Flow Models via Stochastic Generation and
+Rollover Budget Forcing", arXiv 2503.19385. Section / equation numbers are those of the v5 paper;
+"official code" is github.com/KAIST-Visual-AI-Group/Flow-Inference-Time-Scaling (notes/paper.md 3.x).
+
+Every algorithm is a free function with one signature,
+
+    fn(problem, nfe, *, generator, callback=None, **knobs) -> SearchResult
+
+over one `Problem` (model velocity, reward, dynamics) and one budget: `nfe` velocity evaluations of one
+latent (NFE) for each prompt. Methods, with the paper's App. D sizes at 500 NFE / 10 steps:
+
+    none      the plain sampler: one sample, num_steps NFE
+    bon       Best-of-N: N = nfe // num_steps full samples, keep the best final reward
+    sop       Search over Paths (Ma et al. 2025): N = 2, K = 5, forward-noise by delta_f, ODE back by delta_b
+    smc       Sequential Monte Carlo (DAS, Kim et al. 2025; Eq. 27): N = nfe // num_steps weighted particles
+    code      CoDe (Singh et al. 2025): N = 2 chains, K children, argmax every L = 2 steps
+    svdd      SVDD-PM (Li et al. 2024): N = 2 chains, K children, argmax every step (beta = 0)
+    rbf       Rollover Budget Forcing (Alg. 2): N = 2 chains, per-step quota, unused NFE roll over
+    dps       gradient guidance with the tilted score of Eq. 30 (Chung et al. 2023); also svdd+dps, rbf+dps
+
+What all of them share (Sec. 3, 4):
+  * Dynamics, one switch (Sec. 4.2-4.3, Table 1): "linear-ode" (FLUX's own ODE), "linear-sde" (the
+    reverse SDE of Eq. 7 with g = 3 t^2 on the linear path), "vp-sde" (the model converted to the VP
+    path by Eq. 11, then the SDE of Eq. 12). Times and g are those of the path being sampled.
+  * A time grid t_0 = 1 > ... > t_T = 0 (default the `exp` grid of App. C). A particle at grid index i
+    costs one NFE there: its velocity u_t gives Tweedie's x0_hat (sde.x0_hat_from_velocity), whose reward
+    is the particle's value (Eq. 19), and the proposal step to t_{i+1} (Eq. 9 / 12).
+  * The velocity is never evaluated at t_T = 0: the returned sample is x0_hat at t_{T-1}, as in the
+    official code (the last Euler-Maruyama step would only add noise). For the linear ODE that is
+    exactly the Euler step to t = 0.
+  * Every velocity evaluation goes through `_evaluate` (public as `evaluate`), which counts NFE per prompt
+    and refuses to exceed the budget (RuntimeError: that would be a bug here). Reward rows and backward
+    rows are counted apart.
+  * P prompts are searched at once: particles are laid out prompt-major, (P, n) -> (P * n, ...), and
+    share velocity calls of at most `max_batch` rows; selection, weights and budget are per prompt.
+    All randomness of prompt p comes from its own generator, seeded from `generator` in order, so
+    prompt 0 of a batch is the same search as prompt 0 alone.
+
+Where this file follows the official code rather than the paper, or neither, the comment says so.
+
+References:
+  [1] Kim et al. 2025, arXiv 2503.19385 (Alg. 2, Eqs. 3-4, 7-12, 19, 27, 30, App. D)
+  [2] Ma et al. 2025, "Inference-time scaling for diffusion models beyond scaling denoising steps" (SoP)
+  [3] Kim, Kim, Park 2025, "Test-time alignment of diffusion models without reward over-optimization" (DAS, SMC)
+  [4] Singhal et al. 2025, "A general framework for inference-time scaling and steering" (FK steering, SMC)
+  [5] Li et al. 2024, "Derivative-free guidance in continuous and discrete diffusion models" (SVDD)
+  [6] Singh et al. 2025, "Code: blockwise control for denoising diffusion models" (CoDe)
+  [7] Chung et al. 2023, "Diffusion posterior sampling for general noisy inverse problems" (DPS)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+import sde
+
+DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
+METHODS = ("none", "bon", "sop", "smc", "code", "svdd", "rbf", "dps", "svdd+dps", "rbf+dps")
+DPS_BETA = 0.1  # default reward temperature of the guided methods, as App. F.2 (guidance strength 1 / beta)
+
+# -----------------------------------------------------------------------------------------------
+# 1. The problem, the result, the counters
+
+
+@dataclass
+class Problem:
+    """One search problem: a flow model, a reward and the dynamics to sample with (shared by every method)."""
+
+    # u = velocity(x (B, *shape), t (B,), prompt (B,) long) of the MODEL's own linear path; one row = one NFE
+    velocity: Callable[[Tensor, Tensor, Tensor], Tensor]
+    # r = reward(x0 (B, *shape), prompt (B,)) -> (B,), higher is better; decoding latents is the caller's business
+    reward: Callable[[Tensor, Tensor], Tensor]
+    shape: tuple[int, ...]  # shape of one latent, e.g. (2,) or (L, C)
+    num_prompts: int = 1  # P: independent searches run together, each with its own budget
+    reward_name: str = "reward"  # names the reward in error messages
+    differentiable: bool = False  # the reward can be back-propagated (needed by the dps methods)
+    dynamics: str = "vp-sde"  # "linear-ode" | "linear-sde" | "vp-sde" (Sec. 4, Table 1)
+    num_steps: int = 10  # T denoising steps (paper: 10)
+    time_grid: str = "exp"  # "exp" (App. C, official code) or "uniform", in the time of the sampled path
+    diffusion: str = "square"  # shape of g(t), an sde.diffusion_coefficient kind (SDE dynamics only)
+    diffusion_norm: float = 3.0  # scale of g(t): "square" with 3.0 is the paper's g = 3 t^2 (App. F.1)
+    max_batch: int = 256  # at most this many rows per velocity / reward call (memory)
+    dtype: torch.dtype = torch.float32  # dtype of the particles
+    device: str = "cpu"  # device of the particles (noise is drawn on the generator's device; only CPU is tested)
+    path: sde.Interpolant = field(init=False, repr=False)  # derived: linear or VP path that is sampled
+    g: sde.DiffusionCoefficient | None = field(init=False, repr=False)  # derived: None for the ODE
+
+    def __post_init__(self):
+        if not callable(self.velocity) or not callable(self.reward):
+            raise ValueError("Problem.velocity and Problem.reward must be callables")
+        if not (isinstance(self.shape, tuple) and self.shape and all(isinstance(s, int) and s > 0 for s in self.shape)):
+            raise ValueError(f"Problem.shape must be a non-empty tuple of positive ints, got {self.shape!r}")
+        for name in ("num_prompts", "max_batch"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"Problem.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.num_steps, int) and self.num_steps >= 2):
+            raise ValueError(f"Problem.num_steps must be an int >= 2 (a search needs a step to search over), "
+                             f"got {self.num_steps!r}")
+        if self.dynamics not in DYNAMICS:
+            raise ValueError(f"Problem.dynamics must be one of {DYNAMICS}, got {self.dynamics!r}")
+        if self.time_grid not in ("exp", "uniform"):
+            raise ValueError(f"Problem.time_grid must be 'exp' or 'uniform', got {self.time_grid!r}")
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"Problem.dtype must be a floating dtype, got {self.dtype}")
+        self.path = sde.VPInterpolant() if self.dynamics == "vp-sde" else sde.LinearInterpolant()
+        try:
+            g = sde.diffusion_coefficient(self.diffusion, self.diffusion_norm, interpolant=self.path)
+        except ValueError as err:
+            raise ValueError(f"Problem.diffusion / Problem.diffusion_norm: {err}") from None
+        self.g = None if self.dynamics == "linear-ode" else g
+
+
+@dataclass
+class StepInfo:
+    """One entry of a search's trace (and the argument of `callback`)."""
+
+    step: int  # grid index i of the particles evaluated in this step (0 = the noise at t = 1); sop: the round
+    t: float  # their time t_i on the sampled path
+    nfe: Tensor  # (P,) NFE spent in this step, per prompt
+    best_reward: Tensor  # (P,) best reward of any x0_hat scored so far (-inf before the first reward)
+    ess: Tensor | None = None  # (P,) effective sample size before resampling (smc only)
+
+
+@dataclass
+class SearchResult:
+    """The outcome of one search over P prompts."""
+
+    x0: Tensor  # (P, *shape) best sample per prompt: x0_hat at the last evaluated step
+    reward: Tensor  # (P,) its reward
+    nfe_used: Tensor  # (P,) long, velocity evaluations spent
+    reward_calls: Tensor  # (P,) long, rows scored by the reward
+    backward_calls: Tensor  # (P,) long, rows back-propagated through velocity and reward (dps)
+    particles: Tensor  # (P, n, *shape) final x0_hat of every chain / particle
+    particle_rewards: Tensor  # (P, n) their rewards
+    log_weights: Tensor | None  # (P, n) normalised log importance weights of `particles` (smc), else None
+    trace: list[StepInfo]  # one entry per step, for plots
+    method: str  # method name as in METHODS
+    knobs: dict  # the resolved knobs (sizes derived from the budget included)
+
+
+@dataclass
+class Counts:
+    """Per-prompt counters of one search; `evaluate` is the only place that increments `nfe`."""
+
+    nfe: Tensor  # (P,) long, velocity rows evaluated
+    nfe_limit: int  # the budget per prompt
+    reward_calls: Tensor  # (P,) long, reward rows
+    backward_calls: Tensor  # (P,) long, gradient rows
+
+
+def new_counts(num_prompts: int, nfe_limit: int) -> Counts:
+    """Zeroed counters for P prompts with budget `nfe_limit` each."""
+    zeros = lambda: torch.zeros(num_prompts, dtype=torch.long)  # noqa: E731
+    return Counts(zeros(), nfe_limit, zeros(), zeros())
+
+
+@dataclass
+class Evaluation:
+    """What one NFE tells about a particle x_t (rows aligned with x_t)."""
+
+    u_t: Tensor  # (B, *shape) velocity on the sampled path
+    x0_hat: Tensor  # (B, *shape) Tweedie's estimate
+    reward: Tensor | None  # (B,) reward(x0_hat), the value estimate of Eq. 19, if asked for
+    grad: Tensor | None  # (B, *shape) d reward(x0_hat(x_t)) / d x_t through the velocity, if asked for
+
+    def take(self, idx: Tensor) -> Evaluation:
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return Evaluation(self.u_t[idx], self.x0_hat[idx], pick(self.reward), pick(self.grad))
+
+
+def _where(mask: Tensor, a: Evaluation, b: Evaluation) -> Evaluation:
+    """Rows of a where mask (B,) else rows of b."""
+    w = lambda p, q: None if p is None else torch.where(mask.view(-1, *[1] * (p.ndim - 1)), p, q)  # noqa: E731
+    return Evaluation(w(a.u_t, b.u_t), w(a.x0_hat, b.x0_hat), w(a.reward, b.reward), w(a.grad, b.grad))
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. The one counted evaluation, and the proposal step
+
+
+@dataclass
+class _At:
+    """Path time t and the coefficients every step needs there; fields of shape () or (B,), or (T + 1,) on a grid."""
+
+    t: Tensor  # time on the sampled path
+    c: sde.Coeffs  # the path's alpha_t, sigma_t and derivatives
+    conv: sde.ConversionCoeffs | None  # Linear -> VP time change t_s and scale c_s (Eqs. 10-11), vp-sde only
+
+    def index(self, idx) -> _At:
+        """The same times indexed by idx (int or tensor); fields of shape () stay."""
+        pick = lambda obj: type(obj)(*(a if a.ndim == 0 else a[idx] for a in vars(obj).values()))  # noqa: E731
+        t = self.t if self.t.ndim == 0 else self.t[idx]
+        return _At(t, pick(self.c), None if self.conv is None else pick(self.conv))
+
+
+def _at(problem: Problem, t: Tensor) -> _At:
+    conv = sde.conversion_coeffs(t, sde.LinearInterpolant(), problem.path) if problem.dynamics == "vp-sde" else None
+    return _At(t, problem.path(t), conv)
+
+
+def _col(a: Tensor, x: Tensor) -> Tensor:
+    """A per-row coefficient () or (B,) shaped to broadcast over x (B, *shape)."""
+    return a if a.ndim == 0 else a.view(-1, *[1] * (x.ndim - 1))  # (B, 1, ..., 1)
+
+
+def _path_velocity(problem: Problem, x_t: Tensor, at: _At, prompt: Tensor) -> Tensor:
+    """The velocity of the sampled path from one model call: the model's own (linear path), or converted
+    to VP by Eq. 11 with coefficients computed once per grid (the same formula as sde.convert_velocity)."""
+    B = x_t.shape[0]
+    if at.conv is None:
+        return _checked(problem.velocity(x_t, at.t.expand(B), prompt), x_t)
+    c_s, d_c_s, d_t_s = _col(at.conv.c_s, x_t), _col(at.conv.d_c_s, x_t), _col(at.conv.d_t_s, x_t)
+    u = _checked(problem.velocity(x_t / c_s, at.conv.t_s.expand(B), prompt), x_t)  # at the SNR-matched time
+    return (d_c_s / c_s) * x_t + c_s * d_t_s * u  # Eq. 11
+
+
+def _checked(u: Tensor, x: Tensor) -> Tensor:
+    if u.shape != x.shape:
+        raise ValueError(f"Problem.velocity must return the shape of its input {tuple(x.shape)}, got {tuple(u.shape)}")
+    return u
+
+
+def _score(problem: Problem, r: Tensor, rows: int) -> None:
+    if r.shape != (rows,):
+        raise ValueError(f"reward {problem.reward_name!r} must return shape ({rows},), got {tuple(r.shape)}")
+    if not torch.isfinite(r).all():
+        raise ValueError(f"reward {problem.reward_name!r} returned NaN or inf for {int((~torch.isfinite(r)).sum())} "
+                         f"of {rows} samples; a search cannot rank those")
+
+
+def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor,
+              reward: bool, grad: bool) -> Evaluation:
+    """The one counted evaluation: every velocity call of every algorithm goes through here."""
+    B = x_t.shape[0]
+    used = torch.bincount(prompt.cpu(), minlength=problem.num_prompts)
+    if torch.any(counts.nfe + used > counts.nfe_limit):
+        raise RuntimeError(f"internal error: {used.tolist()} more NFE would exceed the budget "
+                           f"{counts.nfe_limit} (spent {counts.nfe.tolist()})")
+    counts.nfe += used
+    if reward or grad:
+        counts.reward_calls += used
+    if grad:
+        counts.backward_calls += used
+    out = []
+    for lo in range(0, B, problem.max_batch):
+        rows = slice(lo, lo + problem.max_batch)
+        x, p, at_rows = (x_t, prompt, at) if B <= problem.max_batch else (x_t[rows], prompt[rows], at.index(rows))
+        with torch.enable_grad() if grad else contextlib.nullcontext():  # callers run under no_grad
+            if grad:
+                x = x.detach().requires_grad_(True)
+            u_t = _path_velocity(problem, x, at_rows, p)
+            x0_hat = sde.x0_hat_from_velocity(u_t, x, at_rows.c)  # Tweedie, in the sampled path's coefficients
+            r = problem.reward(x0_hat, p) if (reward or grad) else None
+            if r is not None:
+                _score(problem, r, x.shape[0])
+            # autograd.grad (not backward) so that model parameters collect no .grad; rows are
+            # independent, so the gradient of the sum is every row's own gradient
+            d = torch.autograd.grad(r.sum(), x)[0] if grad else None
+        out.append(Evaluation(u_t.detach(), x0_hat.detach(), None if r is None else r.detach(), d))
+    if len(out) == 1:
+        return out[0]
+    per_field = zip(*(vars(e).values() for e in out))  # (u_t of every chunk), (x0_hat of every chunk), ...
+    return Evaluation(*(None if f[0] is None else torch.cat(f) for f in per_field))
+
+
+@torch.no_grad()
+def evaluate(problem: Problem, counts: Counts, x_t: Tensor, t: Tensor, prompt: Tensor, *,
+             reward: bool = True, grad: bool = False) -> Evaluation:
+    """One NFE per row of x_t (B, *shape) at path times t (B,) for prompts `prompt` (B,) long: velocity
+    of the sampled path, x0_hat, and optionally reward(x0_hat) and its gradient w.r.t. x_t (grad implies
+    reward). The budget is checked for all rows before any call (RuntimeError: callers must not ask for
+    more). With grad=True each chunk of `max_batch` rows is one forward with autograd, which also serves
+    as the velocity (still one NFE), and one backward."""
+    return _evaluate(problem, counts, x_t, _at(problem, t), prompt, reward, grad)
+
+
+@dataclass
+class _Run:
+    """The state every algorithm shares: problem, grid, counters, one generator per prompt, trace."""
+
+    problem: Problem
+    grid: _At  # the time grid t_0 = 1 > ... > t_T = 0 of the sampled path and its coefficients, (T + 1,)
+    g: Tensor  # (T + 1,) g(t) on the grid (zeros for the ODE)
+    eta_g: Tensor  # (T + 1,) eta_t + g_t^2 / 2, the DPS guidance factor (see `_guidance`)
+    counts: Counts
+    gens: list[torch.Generator]  # prompt p draws all its randomness from gens[p]
+    callback: Callable[[StepInfo], None] | None
+    trace: list[StepInfo] = field(default_factory=list)
+    best: Tensor = None  # (P,) best reward scored so far
+    nfe_mark: Tensor = None  # (P,) counts.nfe at the last trace entry
+    rows: dict = field(default_factory=dict)  # n -> prompt id of every row of the layout (P, n)
+
+
+def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, method: str, knobs: dict) -> _Run:
+    if not isinstance(problem, Problem):
+        raise ValueError(f"problem must be a search.Problem, got {type(problem).__name__}")
+    if not isinstance(generator, torch.Generator):
+        raise ValueError("generator must be a torch.Generator (searches replay exactly from its seed)")
+    need = min_nfe(method, problem, **knobs)
+    if not (isinstance(nfe, int) and nfe >= need):
+        raise ValueError(f"{method} with {knobs or 'default knobs'} and num_steps={problem.num_steps} needs a budget "
+                         f"of at least {need} NFE per prompt, got nfe={nfe!r}")
+    P = problem.num_prompts
+    # drawn one at a time, so the first seeds do not depend on P (prompt 0 alone == prompt 0 in a batch)
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in range(P)]
+    gens = [torch.Generator(device=generator.device).manual_seed(s) for s in seeds]
+    ts = sde.time_grid(problem.num_steps, problem.time_grid).to(problem.dtype).to(problem.device)
+    grid = _at(problem, ts)  # at t = 0 the conversion is 0 / 0: never used, no velocity is evaluated there
+    g = problem.g(ts) if problem.g is not None else torch.zeros_like(ts)
+    counts = new_counts(P, nfe)
+    return _Run(problem, grid, g, _guidance(grid.c, g), counts, gens, callback, [], torch.full((P,), -math.inf),
+                counts.nfe.clone())
+
+
+def _rows(run: _Run, n: int) -> Tensor:
+    """Prompt id of each row of the prompt-major layout (P, n) -> (P * n,)."""
+    if n not in run.rows:
+        run.rows[n] = torch.arange(run.problem.num_prompts, device=run.problem.device).repeat_interleave(n)
+    return run.rows[n]
+
+
+def _noise(run: _Run, n: int) -> Tensor:
+    """n standard normal latents per prompt from the prompt's own generator, (P * n, *shape)."""
+    p = run.problem
+    z = [torch.randn((n, *p.shape), generator=g, dtype=p.dtype, device=g.device) for g in run.gens]
+    return (z[0] if len(z) == 1 else torch.cat(z)).to(p.device)  # (P * n, *shape)
+
+
+def _eval(run: _Run, x: Tensor, i: Tensor | int, n: int, reward: bool, grad: bool = False) -> Evaluation:
+    """Evaluate the layout (P, n) at grid index i (int, or (B,) per row); tracks the best reward."""
+    ev = _evaluate(run.problem, run.counts, x, run.grid.index(i), _rows(run, n), reward, grad)
+    if ev.reward is not None:
+        run.best = torch.maximum(run.best, ev.reward.view(run.problem.num_prompts, n).amax(1).cpu())
+    return ev
+
+
+def _record(run: _Run, step: int, ess: Tensor | None = None, nfe: Tensor | None = None, t: float | None = None) -> None:
+    """Append a trace entry (NFE since the previous entry unless given) and call the callback."""
+    if nfe is None:
+        nfe, run.nfe_mark = run.counts.nfe - run.nfe_mark, run.counts.nfe.clone()
+    info = StepInfo(step, float(run.grid.t[step]) if t is None else t, nfe, run.best.clone(), ess)
+    run.trace.append(info)
+    if run.callback is not None:
+        run.callback(info)
+
+
+def _guidance(c: sde.Coeffs, g_t: Tensor) -> Tensor:
+    """The factor eta_t + g_t^2 / 2 of the tilted-score guidance; the step adds it * dt / beta * grad v.
+
+    Eq. 30 tilts the score by the value: grad log p*_t = grad log p_t + grad v / beta. The score enters
+    the step twice: in the SDE correction of Eq. 7 (factor g_t^2 / 2) and inside u_t itself, since Eq. 8
+    solved for u reads u_t = (d_alpha_t / alpha_t) x - eta_t grad log p_t with
+    eta_t = sigma_t d_sigma_t - sigma_t^2 d_alpha_t / alpha_t. Tilting both gives the exact velocity and
+    SDE of the tilted marginals p_t exp(v / beta) (test: exact for a Gaussian and a linear reward). The
+    paper substitutes Eq. 30 into Eq. 7's score only, which gives no guidance at all for the ODE.
+    At alpha_t = 0 (the linear path at t = 1) eta is infinite but x0_hat, hence grad v, does not depend
+    on x: the factor is set to 0 there.
+    """
+    alpha_t = c.alpha_t.clamp(min=torch.finfo(c.alpha_t.dtype).tiny)
+    eta_t = torch.where(c.alpha_t > 0, c.sigma_t * c.d_sigma_t - c.sigma_t**2 * c.d_alpha_t / alpha_t, 0.0)
+    return eta_t + 0.5 * g_t**2
+
+
+def _propose(run: _Run, x: Tensor, ev: Evaluation, i: Tensor | int, n: int, dps_beta: float | None) -> Tensor:
+    """One proposal step from grid index i to i + 1 for the layout (P, n): Euler for the ODE (Eq. 6),
+    else Euler-Maruyama (Eq. 9 / 12, as sde.euler_maruyama_step, with grid coefficients computed once).
+    With dps_beta, the DPS guidance (the value's gradient at x, carried in ev.grad) is added (Eq. 30)."""
+    now = run.grid.index(i)
+    dt = _col(now.t - run.grid.t[i + 1], x)  # > 0, backward in time
+    if run.problem.g is None:
+        x_next = x - dt * ev.u_t
+    else:
+        g_t = _col(run.g[i], x)
+        f_t = sde.sde_drift(ev.u_t, x, now.c, g_t)  # Eq. 7
+        x_next = x - f_t * dt + g_t * dt.sqrt() * _noise(run, n)
+    if dps_beta is not None:
+        x_next = x_next + (_col(run.eta_g[i], x) * dt / dps_beta) * ev.grad
+    return x_next
+
+
+def _result(run: _Run, method: str, knobs: dict, x0: Tensor, r: Tensor, log_w: Tensor | None = None) -> SearchResult:
+    """Best particle per prompt by reward, from the final x0_hat (P * n, *shape) and rewards (P * n,)."""
+    P, shape = run.problem.num_prompts, run.problem.shape
+    x0, r = x0.reshape(P, -1, *shape), r.reshape(P, -1)  # (P, n, *shape), (P, n)
+    best = r.argmax(1)
+    ar = torch.arange(P)
+    c = run.counts
+    lw = None if log_w is None else torch.log_softmax(log_w.view(P, -1), 1)
+    return SearchResult(x0[ar, best], r[ar, best], c.nfe.clone(), c.reward_calls.clone(), c.backward_calls.clone(),
+                        x0, r, lw, run.trace, method, knobs)
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. Plain sampling: none, Best-of-N, DPS
+
+
+def _sample(run: _Run, n: int, dps_beta: float | None) -> Evaluation:
+    """n chains per prompt through the whole grid; rewards only at the end unless guided."""
+    T = run.problem.num_steps
+    x = _noise(run, n)  # (P * n, *shape) at t = 1
+    for i in range(T):
+        guided = dps_beta is not None
+        ev = _eval(run, x, i, n, reward=guided or i == T - 1, grad=guided)
+        if i < T - 1:
+            x = _propose(run, x, ev, i, n, dps_beta)
+        _record(run, i)
+    return ev
+
+
+@torch.no_grad()
+def plain(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None) -> SearchResult:
+    """The sampler alone: one chain per prompt, num_steps NFE (the budget beyond that is not used)."""
+    run = _start(problem, nfe, generator, callback, "none", {})
+    ev = _sample(run, 1, None)
+    return _result(run, "none", {}, ev.x0_hat, ev.reward)
+
+
+@torch.no_grad()
+def best_of_n(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
+              n: int | None = None) -> SearchResult:
+    """Best-of-N (App. D: N = 50 at 500 NFE): n full samples, the best final reward wins.
+
+    n defaults to nfe // num_steps. The paper runs it with the linear ODE; here it uses the problem's
+    dynamics, so Problem(dynamics="linear-ode") is the paper's BoN."""
+    n = n if n is not None else max(nfe // problem.num_steps, 1)
+    run = _start(problem, nfe, generator, callback, "bon", {"n": n})
+    ev = _sample(run, n, None)
+    return _result(run, "bon", {"n": n}, ev.x0_hat, ev.reward)
+
+
+@torch.no_grad()
+def dps(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
+        n: int = 1, beta: float = DPS_BETA) -> SearchResult:
+    """Gradient guidance alone ("DPS" of Table 2): n guided chains (default one, as the paper's DPS row),
+    every step moved along grad_x reward(x0_hat(x)) / beta (Eq. 30, see `_guidance`). One NFE and one
+    backward per chain and step. Needs Problem(differentiable=True)."""
+    _need_gradients(problem, beta)
+    run = _start(problem, nfe, generator, callback, "dps", {"n": n})
+    ev = _sample(run, n, beta)
+    return _result(run, "dps", {"n": n, "beta": beta}, ev.x0_hat, ev.reward)
+
+
+def _need_gradients(problem: Problem, beta: float) -> None:
+    if not problem.differentiable:
+        raise ValueError(f"gradient guidance needs a differentiable reward, and {problem.reward_name!r} is not "
+                         f"(Problem.differentiable=False); use a method without dps")
+    if not beta > 0:
+        raise ValueError(f"the guidance temperature beta must be > 0, got {beta}")
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Search over Paths (Ma et al. 2025; paper App. D: N = 2, K = 5, Delta_f / Delta_b from their code)
+
+
+def _sop_schedule(t_start: float, delta_f: float, delta_b: float) -> list[tuple[float, float]]:
+    """The (t_f, t_b) pairs: forward-noise from the current t_b to t_f, then ODE back to the next t_b."""
+    if not (0 < t_start < 1 and 0 < delta_f < delta_b and t_start + delta_f <= 1):
+        raise ValueError(f"search over paths needs 0 < t_start < 1, 0 < delta_f < delta_b and t_start + delta_f <= 1; "
+                         f"got t_start={t_start}, delta_f={delta_f}, delta_b={delta_b}")
+    out, t_b = [], t_start
+    while t_b > 0:
+        t_f = min(t_b + delta_f, 1.0)
+        t_b = max(round(t_f - delta_b, 9), 0.0)  # rounded: 0.12 - 4 * 0.03 must end at 0, not at 1e-17
+        out.append((t_f, t_b))
+    return out
+
+
+def _ode(run: _Run, x: Tensor, t_a: float, t_b: float, m: int, n: int, reward: bool) -> tuple[Tensor, Evaluation]:
+    """m Euler steps of the path's ODE on a uniform grid from t_a down to t_b (official code: uniform)."""
+    taus = _at(run.problem, torch.linspace(t_a, t_b, m + 1, dtype=run.problem.dtype, device=run.problem.device))
+    for j in range(m):
+        ev = _evaluate(run.problem, run.counts, x, taus.index(j), _rows(run, n), reward and j == m - 1, False)
+        x = sde.euler_step(x, ev.u_t, taus.t[j], taus.t[j + 1])
+    if ev.reward is not None:
+        run.best = torch.maximum(run.best, ev.reward.view(run.problem.num_prompts, n).amax(1).cpu())
+    return x, ev
+
+
+@torch.no_grad()
+def search_over_paths(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
+                      n: int = 2, k: int = 5, t_start: float = 0.12, delta_f: float = 0.78, delta_b: float = 0.81,
+                      ode_steps: int | None = None) -> SearchResult:
+    """Search over Paths (Ma et al. 2025, as the paper's baseline): n noises are solved by the ODE to t_start;
+    then, until t = 0, each kept sample gets k copies forward-noised by delta_f (the exact transition of
+    the path), solved back by delta_b > delta_f, and the n best by reward(x0_hat) are kept.
+
+    Times are path times (VP time under vp-sde, as the official code). It is an ODE method: the dynamics
+    only choose the path. ode_steps (Euler steps per solve) defaults to the most the budget allows;
+    num_steps is not used. Keeps the global top n, as the paper says (official code: best per parent).
+    Values t_start = 0.12, delta_f = 0.78, delta_b = 0.81 are the official code's (in 1/1000 there)."""
+    schedule = _sop_schedule(t_start, delta_f, delta_b)
+    n, k = _positive("sop", "n", n), _positive("sop", "k", k)
+    per_solve = n * (1 + len(schedule) * k)  # NFE of one Euler step in every solve
+    m = ode_steps if ode_steps is not None else max(nfe // per_solve, 1)
+    knobs = {"n": n, "k": k, "t_start": t_start, "delta_f": delta_f, "delta_b": delta_b, "ode_steps": m}
+    run = _start(problem, nfe, generator, callback, "sop", knobs)
+    P = problem.num_prompts
+    x, ev = _ode(run, _noise(run, n), 1.0, t_start, m, n, reward=False)
+    t_prev = t_start
+    for step, (t_f, t_b) in enumerate(schedule):
+        x = x.repeat_interleave(k, 0)  # (P * n * k, *shape), copies of a parent adjacent
+        a_f, a_b = (problem.path(torch.tensor(s, dtype=torch.float64)) for s in (t_f, t_prev))
+        ratio = float(a_f.alpha_t / a_b.alpha_t)  # x_f = ratio x_b + sqrt(sigma_f^2 - ratio^2 sigma_b^2) z
+        x = ratio * x + math.sqrt(max(float(a_f.sigma_t**2 - ratio**2 * a_b.sigma_t**2), 0.0)) * _noise(run, n * k)
+        x, ev = _ode(run, x, t_f, t_b, m, n * k, reward=True)
+        top = ev.reward.view(P, n * k).topk(n, dim=1).indices + n * k * torch.arange(P)[:, None]  # (P, n)
+        x, ev = x[top.flatten()], ev.take(top.flatten())
+        t_prev = t_b
+        _record(run, step, t=t_b)
+    return _result(run, "sop", knobs, ev.x0_hat, ev.reward)
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. SMC with the pretrained kernel as proposal (DAS / FK steering; Eq. 27)
+
+
+@torch.no_grad()
+def smc(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
+        n: int | None = None, beta: float = 0.1, ess_threshold: float = 0.5) -> SearchResult:
+    """Sequential Monte Carlo towards p0(x) exp(r(x) / beta) (Sec. 3, Eq. 27; App. D: N = 50).
+
+    n particles per prompt (default nfe // num_steps) start with log-weights v(x_1) / beta, v = r(x0_hat)
+    (Eq. 19). Each step: if ESS = 1 / sum(w_bar^2) < ess_threshold * n, resample multinomially and reset
+    the weights; propose one step with the model's kernel; multiply the weight by
+    exp((v(x_{t-dt}) - v(x_t)) / beta). Without resampling the weights accumulate, so the final weights
+    telescope to exp(v_final / beta) (test). beta = 0.1 is App. F.2's (official code: 0.5-1.0);
+    ess_threshold 0.5 is DAS's (official code: 1.0, i.e. nearly always).
+    Result: `particles` with `log_weights` approximate the tilted target; x0 is the particle with the
+    best reward (the official code returns the largest weight, which after a resampling reflects only
+    the reward gain since then)."""
+    n = n if n is not None else max(nfe // problem.num_steps, 1)
+    if not beta > 0 or not 0 <= ess_threshold <= 1:
+        raise ValueError(f"smc needs beta > 0 and 0 <= ess_threshold <= 1, got beta={beta}, "
+                         f"ess_threshold={ess_threshold}")
+    knobs = {"n": n, "beta": beta, "ess_threshold": ess_threshold}
+    run = _start(problem, nfe, generator, callback, "smc", knobs)
+    P = problem.num_prompts
+    x = _noise(run, n)  # (P * n, *shape)
+    ev = _eval(run, x, 0, n, reward=True)
+    log_w = (ev.reward / beta).view(P, n)  # w = exp(v(x_1) / beta): the twisted target at t = 1 over the prior
+    _record(run, 0)
+    for i in range(1, problem.num_steps):
+        ess = 1 / torch.softmax(log_w, 1).pow(2).sum(1)  # (P,)
+        idx = torch.arange(P * n).view(P, n)
+        for q in torch.nonzero(ess < ess_threshold * n).flatten().tolist():
+            idx[q] = q * n + torch.multinomial(torch.softmax(log_w[q], 0), n, replacement=True,
+                                               generator=run.gens[q]).to(idx.device)
+            log_w[q] = 0.0  # resampled particles are equally weighted
+        x, ev = x[idx.flatten()], ev.take(idx.flatten())
+        x = _propose(run, x, ev, i - 1, n, None)
+        ev_next = _eval(run, x, i, n, reward=True)
+        log_w = log_w + ((ev_next.reward - ev.reward) / beta).view(P, n)  # Eq. 27, in log space
+        ev = ev_next
+        _record(run, i, ess=ess)
+    return _result(run, "smc", knobs, ev.x0_hat, ev.reward, log_w)
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. CoDe and SVDD: K children per chain, argmax every L steps (official GeneralTrainer)
+
+
+def _children(nfe: int, problem: Problem, n: int) -> int:
+    """The most children per chain the budget allows: n + n k (T - 1) <= nfe (paper: K = 25, official
+    code 2 + 2 * 25 * 9 = 452 of 500; the rest is spent here)."""
+    return max((nfe - n) // (n * (problem.num_steps - 1)), 1)
+
+
+def _blockwise(run: _Run, n: int, k: int, block: int, dps_beta: float | None) -> Evaluation:
+    T, guided = run.problem.num_steps, dps_beta is not None
+    x = _noise(run, n)  # (P * n, *shape), the n chains of every prompt
+    ev = _eval(run, x, 0, n, reward=guided, grad=guided)  # the copies of a parent share this NFE
+    _record(run, 0)
+    i = 0
+    while i < T - 1:
+        x, ev = x.repeat_interleave(k, 0), ev.take(torch.arange(x.shape[0]).repeat_interleave(k))  # (P * n * k, ...)
+        for j in range(block):
+            x = _propose(run, x, ev, i, n * k, dps_beta)  # independent noise per child
+            i += 1
+            ev = _eval(run, x, i, n * k, reward=guided or i == T - 1 or j == block - 1, grad=guided)
+            if i == T - 1:
+                break
+        best = ev.reward.view(-1, k).argmax(1) + k * torch.arange(x.shape[0] // k)  # argmax child per chain
+        x, ev = x[best], ev.take(best)
+        _record(run, i)
+    return ev
+
+
+@torch.no_grad()
+def code(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
+         n: int = 2, k: int | None = None, block: int = 2) -> SearchResult:
+    """CoDe (Singh et al. 2025; App. D: N = 2, K = 25, L = 2): every chain is copied k times, each copy runs
+    `block` steps with its own noise, the copy with the best reward(x0_hat) continues. k defaults to
+    the most the budget allows. With the linear ODE all copies coincide (Table 1 shows the same)."""
+    n, block = _positive("code", "n", n), _positive("code", "block", block)
+    k = k if k is not None else _children(nfe, problem, n)
+    knobs = {"n": n, "k": k, "block": block}
+    run = _start(problem, nfe, generator, callback, "code", knobs)
+    ev = _blockwise(run, n, k, block, None)
+    return _result(run, "code", knobs, ev.x0_hat, ev.reward)
+
+
+@torch.no_grad()
+def svdd(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
+         n: int = 2, k: int | None = None, dps_beta: float | None = None) -> SearchResult:
+    """SVDD-PM (Li et al. 2024; App. D: N = 2, K = 25): k children per chain every step, the argmax of
+    reward(x0_hat) continues (beta = 0, as the paper runs it). With dps_beta, each child carries its own
+    DPS gradient into its next step ("SVDD+DPS" of Table 2; needs a differentiable reward)."""
+    n = _positive("svdd", "n", n)
+    k = k if k is not None else _children(nfe, problem, n)
+    if dps_beta is not None:
+        _need_gradients(problem, dps_beta)
+    method = "svdd" if dps_beta is None else "svdd+dps"
+    knobs = {"n": n, "k": k} | ({} if dps_beta is None else {"dps_beta": dps_beta})
+    run = _start(problem, nfe, generator, callback, method, {"n": n, "k": k})
+    ev = _blockwise(run, n, k, 1, dps_beta)
+    return _result(run, method, knobs, ev.x0_hat, ev.reward)
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Rollover Budget Forcing (Alg. 2)
+
+
+def _rbf_init(nfe: int, problem: Problem, n: int, init_particles: int | None) -> int:
+    """Initial noises per chain: given, or 10% of the budget as the official code (25 per chain of 2 at 500)."""
+    if init_particles is not None:
+        return init_particles
+    return max(1, min(nfe // (10 * n), (nfe - n * (problem.num_steps - 1)) // n))
+
+
+@torch.no_grad()
+def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
+        n: int = 2, init_particles: int | None = None, rollover: bool = True,
+        dps_beta: float | None = None) -> SearchResult:
+    """Rollover Budget Forcing, Alg. 2 of the paper (App. D: N = 2 chains).
+
+    Each chain starts from the best of `init_particles` noises by reward(x0_hat) at t = 1 (official code;
+    Alg. 2 is init_particles = 1). At stage i the chain sits at grid index i and draws one candidate step
+    at a time (1 NFE each). The first candidate whose reward beats r*, the best reward accepted so far,
+    is accepted, r* is raised, and the unused part of the quota rolls over to the next stage. When the
+    quota is spent without improvement the stage's best candidate is taken and r* stays (Alg. 2 line 9).
+    The quota Q = (nfe - n init) // (n (T - 1)) is uniform over the T - 1 stages that produce
+    candidates (the official code divides by T and lets the last stage absorb the remainder). The last
+    stage (candidates at t_{T-1}) never advances: it spends whatever is left, and the best candidate
+    of all chains there is the result (official code). rollover=False resets every quota to Q (ablation).
+    With dps_beta every candidate is a guided step and carries its gradient ("RBF+DPS", Table 2)."""
+    T, guided = problem.num_steps, dps_beta is not None
+    if guided:
+        _need_gradients(problem, dps_beta)
+    n = _positive("rbf", "n", n)
+    init = _rbf_init(nfe, problem, n, init_particles)
+    Q = (nfe - n * init) // (n * (T - 1))
+    method = "rbf" if dps_beta is None else "rbf+dps"
+    knobs = {"n": n, "init_particles": init, "quota": Q, "rollover": rollover}
+    run = _start(problem, nfe, generator, callback, method, {"n": n, "init_particles": init})
+    P, R = problem.num_prompts, problem.num_prompts * n
+    x = _noise(run, n * init)  # (P * n * init, *shape)
+    ev = _eval(run, x, 0, n * init, reward=True, grad=guided)
+    _record(run, 0)
+    pick = ev.reward.view(R, init).argmax(1) + init * torch.arange(R)  # best initial noise of every chain
+    x, ev = x[pick], ev.take(pick)  # the anchors, (R, *shape)
+    r_star = ev.reward.clone()  # best accepted reward per chain
+    dev = problem.device
+    stage = torch.zeros(R, dtype=torch.long, device=dev)  # grid index of the anchor
+    drawn = torch.zeros(R, dtype=torch.long, device=dev)  # candidates drawn in the current stage (j of Alg. 2)
+    quota = torch.full((R,), Q, device=dev)
+    spent = torch.zeros(R, T, dtype=torch.long, device=dev)  # NFE per chain and candidate grid index (Fig. 9)
+    best_x, best_ev = x, ev  # the current stage's best candidate (placeholders until the first draw)
+    best_r = torch.full((R,), -math.inf, dtype=ev.reward.dtype)  # its reward, -inf at the start of a stage
+    done, chains = 1, torch.arange(R, device=dev)  # trace entries emitted so far (grid index 0 is the initialisation)
+    for _ in range((nfe - n * init) // n):
+        cand = _propose(run, x, ev, stage, n, dps_beta)  # one candidate per chain
+        cand_ev = _eval(run, cand, stage + 1, n, reward=True, grad=guided)
+        drawn += 1
+        spent[chains, stage + 1] += 1
+        better = cand_ev.reward > best_r
+        best_x = torch.where(better.view(-1, *[1] * len(problem.shape)), cand, best_x)
+        best_ev, best_r = _where(better, cand_ev, best_ev), torch.where(better, cand_ev.reward, best_r)
+        improve = cand_ev.reward > r_star  # strict, against r* (not against the anchor's own reward)
+        r_star = torch.where(improve, cand_ev.reward, r_star)
+        can_move = stage < T - 2
+        # an improving candidate is also the stage's best (every earlier one was <= r*), so both
+        # ways of advancing move to the stage's best candidate
+        forced = ~improve & (drawn >= quota)
+        advance = can_move & (improve | forced)
+        left = (quota - drawn) if rollover else torch.zeros_like(quota)
+        quota = torch.where(advance & improve, Q + left, torch.where(advance, Q, quota))
+        x = torch.where(advance.view(-1, *[1] * len(problem.shape)), best_x, x)
+        ev = _where(advance, best_ev, ev)
+        stage, drawn = stage + advance, torch.where(advance, 0, drawn)
+        best_r = torch.where(advance, -math.inf, best_r)
+        while done <= int(stage.min()):  # every chain has left grid index done - 1: its entry is final
+            _record(run, done, nfe=spent[:, done].view(P, n).sum(1).cpu())
+            done += 1
+    assert bool((stage == T - 2).all()), "the quota guarantees that every chain reaches the last stage"
+    while done < T:
+        _record(run, done, nfe=spent[:, done].view(P, n).sum(1).cpu())
+        done += 1
+    return _result(run, method, knobs | ({} if dps_beta is None else {"dps_beta": dps_beta}),
+                   best_ev.x0_hat, best_r)
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. Dispatch by name, and the smallest budget of every configuration
+
+
+def _function(method: str) -> Callable[..., SearchResult]:
+    if method == "none":
+        return plain
+    elif method == "bon":
+        return best_of_n
+    elif method == "sop":
+        return search_over_paths
+    elif method == "smc":
+        return smc
+    elif method == "code":
+        return code
+    elif method in ("svdd", "svdd+dps"):
+        return svdd
+    elif method in ("rbf", "rbf+dps"):
+        return rbf
+    elif method == "dps":
+        return dps
+    raise ValueError(f"unknown search method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _knobs(method: str, knobs: dict) -> dict:
+    """Check knob names against the method's signature; the '+dps' names switch guidance on."""
+    fn = _function(method)
+    allowed = [p for p in inspect.signature(fn).parameters if p not in ("problem", "nfe", "generator", "callback")]
+    if method.endswith("+dps"):
+        knobs = {"dps_beta": DPS_BETA} | knobs
+    elif method in ("svdd", "rbf") and knobs.get("dps_beta") is not None:
+        raise ValueError(f"dps_beta switches on guidance: use method {method + '+dps'!r}")
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown knob(s) {unknown} for {method}; it takes {allowed}")
+    return knobs
+
+
+def run(method: str, problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
+        **knobs) -> SearchResult:
+    """Run a search by name: one of METHODS ("svdd+dps" / "rbf+dps" = svdd / rbf with DPS guidance)."""
+    return _function(method)(problem, nfe, generator=generator, callback=callback, **_knobs(method, knobs))
+
+
+def min_nfe(method: str, problem: Problem, **knobs) -> int:
+    """The smallest budget per prompt with which `method` runs in this configuration (sizes left to the
+    budget count as 1). A smaller `nfe` makes every method raise ValueError naming this number."""
+    params = inspect.signature(_function(method)).parameters
+    knobs = {name: params[name].default for name in params if params[name].kind == params[name].KEYWORD_ONLY} | \
+        _knobs(method, knobs)
+    T = problem.num_steps
+    size = lambda name: _positive(method, name, knobs[name])  # noqa: E731
+    if method == "none":
+        return T
+    elif method in ("bon", "smc", "dps"):
+        return size("n") * T
+    elif method == "sop":
+        schedule = _sop_schedule(knobs["t_start"], knobs["delta_f"], knobs["delta_b"])
+        return size("n") * (1 + len(schedule) * size("k")) * size("ode_steps")
+    elif method in ("code", "svdd", "svdd+dps"):
+        return size("n") * (1 + size("k") * (T - 1))
+    return size("n") * (size("init_particles") + (T - 1))  # rbf, rbf+dps
+
+
+def _positive(method: str, name: str, value) -> int:
+    if value is None:
+        return 1
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{method}: knob {name} must be an int >= 1, got {value!r}")
+    return value

@@ -1,0 +1,334 @@
+"""Tests of search.py on the exact flow of a 2-D Gaussian mixture (sde.GaussianMixtureFlow as the model).
+
+The toy: two common modes at (-3, -1), (3, -1) and a rare one at (0, 3) (weight 5%), std 0.5 each,
+reward r(x) = 0.5 * x[1], which prefers the rare mode. A linear reward keeps the comparisons honest:
+Tweedie's x0_hat is the posterior mean, so E[r(x0_hat)] = E[r(x0)] and a blurry returned x0_hat gains
+nothing in expectation. Repeated searches are run as P independent prompts of one batched search
+(each prompt has its own generator and budget), so "over seeds" means "over prompts".
+"""
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sde  # noqa: E402
+import search  # noqa: E402
+
+MEANS = torch.tensor([[-3.0, -1.0], [3.0, -1.0], [0.0, 3.0]])
+STDS = torch.tensor([0.5, 0.5, 0.5])
+WEIGHTS = torch.tensor([0.475, 0.475, 0.05])
+A = torch.tensor([0.0, 0.5])  # r(x) = A . x
+FLOW = sde.GaussianMixtureFlow(MEANS, STDS, WEIGHTS)
+
+
+def velocity(x, t, prompt):
+    return FLOW.velocity(x, t)
+
+
+def reward(x0, prompt):
+    return x0 @ A.to(x0)
+
+
+def problem(**kw) -> search.Problem:
+    kw = {"velocity": velocity, "reward": reward, "shape": (2,), "reward_name": "height",
+          "differentiable": True} | kw
+    return search.Problem(**kw)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def z_score(a: torch.Tensor, b: torch.Tensor) -> float:
+    """(mean a - mean b) / standard error of that difference, for two independent samples."""
+    se = math.sqrt(a.double().var() / a.numel() + b.double().var() / b.numel())
+    return float((a.double().mean() - b.double().mean()) / se)
+
+
+# -----------------------------------------------------------------------------------------------
+# Search helps
+
+
+@pytest.mark.parametrize("method", [m for m in search.METHODS if m != "none"])
+def test_every_method_beats_the_plain_sampler(method):
+    # 64 independent searches at 100 NFE on VP-SDE against 64 plain samples; a difference of means
+    # above 3 standard errors (of the difference) has a chance below 0.2% under "no improvement".
+    pb = problem(num_prompts=64)
+    base = search.run("none", pb, 100, generator=gen(1)).reward
+    r = search.run(method, pb, 100, generator=gen(2)).reward
+    assert z_score(r, base) > 3, (method, r.mean(), base.mean())
+
+
+def test_rbf_on_vp_sde_beats_best_of_n_on_the_linear_ode():
+    # The paper's headline comparison (Table 1, Fig. 7) at equal budget: 128 searches each, 100 NFE.
+    rbf = search.run("rbf", problem(num_prompts=128, dynamics="vp-sde"), 100, generator=gen(3))
+    bon = search.run("bon", problem(num_prompts=128, dynamics="linear-ode"), 100, generator=gen(4))
+    assert rbf.nfe_used.max() <= 100 and bon.nfe_used.max() <= 100
+    assert z_score(rbf.reward, bon.reward) > 3, (rbf.reward.mean(), bon.reward.mean())
+
+
+def test_smc_approaches_the_reward_tilted_target():
+    # Target p0(x) exp(r(x) / beta). For a mixture of equal-std Gaussians and a linear reward r = A.x,
+    # component k of the tilted density is w_k exp(A.m_k / beta + s^2 |A|^2 / (2 beta^2)) N(m_k + s^2 A / beta, s^2):
+    # the last factor is the same for all k, so the mode weights are w_k exp(A.m_k / beta) / Z. This
+    # holds at every time of the path while modes are separated, in particular for the returned
+    # x0_hat at t_{T-1} (its within-mode spread only changes the common factor).
+    # Each of P = 16 prompts is a full SMC run with N = 1024 particles; its weighted rare-mode
+    # fraction is one draw, and 4 standard errors of the mean of 16 draws bound the Monte-Carlo error.
+    # The 0.01 allowance is the sampler's own discretisation error at 40 steps (measured: weighting
+    # plain samples by exp(r / beta), i.e. ess_threshold = 0, lands within 0.01 of the closed form).
+    beta = 1.0
+    tilted = WEIGHTS * torch.exp(MEANS @ A / beta)
+    target = float(tilted[2] / tilted.sum())  # 0.28, from 0.05
+    pb = problem(num_prompts=16, dynamics="linear-sde", num_steps=40, max_batch=1 << 16)
+    res = search.smc(pb, 1024 * 40, generator=gen(5), n=1024, beta=beta, ess_threshold=0.5)
+    rare = (res.particles[..., 1] > 1).double()  # x0_hat of the rare mode has y near 3, the others near -1
+    frac = (res.log_weights.exp() * rare).sum(1)  # (P,)
+    se = float(frac.std() / math.sqrt(frac.numel()))
+    assert abs(float(frac.mean()) - target) < 4 * se + 0.01, (frac.mean(), target, se)
+    assert any(bool((s.ess < 0.5 * 1024).any()) for s in res.trace[1:]), "the test should exercise resampling"
+
+
+def test_smc_carries_weights_when_it_does_not_resample():
+    # With ess_threshold = 0 nothing is resampled and the increments of Eq. 27 telescope:
+    # log w = v(x_1)/beta + sum (v_i - v_{i-1})/beta = r(x0_hat final)/beta (FK steering issue #12).
+    res = search.smc(problem(num_prompts=2, dtype=torch.float64), 200, generator=gen(6), beta=0.3,
+                     ess_threshold=0.0)
+    expect = torch.log_softmax(res.particle_rewards / 0.3, dim=1)
+    torch.testing.assert_close(res.log_weights, expect, rtol=0, atol=1e-10)
+
+
+def test_dps_samples_the_tilted_gaussian():
+    # For Gaussian data N(m, s^2 I) and a linear reward the Tweedie value is exact up to a constant
+    # (the posterior covariance does not depend on x_t), so the guided ODE / SDE of `_guidance` has
+    # exactly the marginals of the tilted target N(m + s^2 A / beta, s^2 I). The returned x0_hat at
+    # t_{T-1} is the posterior mean under the untilted model, whose mean is m + lam (m* - m) with
+    # lam = alpha^2 s^2 / (alpha^2 s^2 + sigma^2) there. Tolerance: 4 standard errors of the mean of
+    # n = 2000 chains + 0.01 for 40 Euler steps (measured: the error shrinks as steps are added).
+    # Substituting Eq. 30 into the SDE correction only would leave the ODE mean at m (off by 0.3).
+    f64 = torch.float64
+    m, s, a, beta = torch.tensor([1.0, -1.0], dtype=f64), 0.7, torch.tensor([0.5, 0.3], dtype=f64), 0.5
+    flow = sde.GaussianMixtureFlow(m[None], torch.tensor([s], dtype=f64), torch.tensor([1.0], dtype=f64))
+    for dynamics in ("linear-ode", "linear-sde"):
+        pb = search.Problem(lambda x, t, p: flow.velocity(x, t), lambda x, p: x @ a, (2,), differentiable=True,
+                            dynamics=dynamics, num_steps=40, dtype=torch.float64, max_batch=4096)
+        res = search.dps(pb, 2000 * 40, generator=gen(7), n=2000, beta=beta)
+        c = pb.path(sde.time_grid(40, "exp")[39])
+        lam = c.alpha_t**2 * s**2 / (c.alpha_t**2 * s**2 + c.sigma_t**2)
+        expect = m + lam * s**2 * a / beta
+        x = res.particles[0]  # (n, 2)
+        err = (x.mean(0) - expect).abs()
+        assert torch.all(err < 4 * x.std(0) / math.sqrt(2000) + 0.01), (dynamics, x.mean(0), expect)
+        assert res.backward_calls[0] == 2000 * 40 and res.nfe_used[0] == 2000 * 40
+
+
+@pytest.mark.parametrize("dynamics", ["linear-sde", "vp-sde"])
+def test_dps_gradient_matches_finite_differences(dynamics):
+    # d reward(x0_hat(x_t)) / d x_t through the (converted) velocity, float64, central differences.
+    pb = problem(dynamics=dynamics, dtype=torch.float64, num_prompts=1,
+                 reward=lambda x, p: torch.sin(x[:, 0]) - ((x - 1) ** 2).sum(-1) / 8)
+    x = torch.randn(3, 2, generator=gen(8), dtype=torch.float64)
+    t = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64)
+    prompt = torch.zeros(3, dtype=torch.long)
+    counts = search.new_counts(1, 100)
+    ev = search.evaluate(pb, counts, x, t, prompt, grad=True)
+    h = 1e-6
+    for j in range(2):
+        e = torch.zeros(2, dtype=torch.float64)
+        e[j] = h
+        up = search.evaluate(pb, counts, x + e, t, prompt).reward
+        down = search.evaluate(pb, counts, x - e, t, prompt).reward
+        torch.testing.assert_close(ev.grad[:, j], (up - down) / (2 * h), rtol=1e-6, atol=1e-8)
+    assert counts.nfe.tolist() == [15] and counts.backward_calls.tolist() == [3]
+
+
+# -----------------------------------------------------------------------------------------------
+# RBF's bookkeeping (Alg. 2) on a scripted reward
+
+
+def scripted(values):
+    """A reward that returns the given values one row at a time, in call order (one chain, one prompt)."""
+    it = iter(values)
+    return lambda x, p: torch.tensor([float(next(it)) for _ in range(x.shape[0])], dtype=x.dtype)
+
+
+@pytest.mark.parametrize("rollover, expect", [(True, [1, 3, 7, 2, 8]), (False, [1, 3, 5, 2, 10])])
+def test_rbf_rolls_unused_quota_over(rollover, expect):
+    # One chain, T = 5 (stages 0-3 draw candidates at grid 1-4), one initial noise, 21 NFE: quota 5.
+    # Stage 0 improves on r* = 0 at its 3rd draw: 2 unused NFE roll over, stage 1 gets 7. Stage 1 never
+    # beats r* = 5: after its quota it moves on with its best candidate and r* stays 5. Stage 2's 4 does
+    # not beat 5, its 6 does. The last stage spends the rest; its best candidate (9) is the result.
+    stage_1 = [-3, -1, -2, -4, -5, -6, -7][: 7 if rollover else 5]
+    values = [0] + [-1, -1, 5] + stage_1 + [4, 6] + [1, 9, 2, 3] + [0] * 6  # init, stages 0, 1, 2, 3
+    pb = problem(reward=scripted(values), num_steps=5, dynamics="linear-sde")
+    res = search.rbf(pb, 21, generator=gen(9), n=1, init_particles=1, rollover=rollover)
+    assert [int(s.nfe) for s in res.trace] == expect
+    assert [s.step for s in res.trace] == [0, 1, 2, 3, 4]
+    assert float(res.reward) == 9 and res.knobs["quota"] == 5 and int(res.nfe_used) == 21
+
+
+def test_rbf_without_improvements_spends_each_quota_and_the_rest_at_the_end():
+    pb = problem(reward=lambda x, p: torch.zeros(x.shape[0]), num_prompts=2, num_steps=6)
+    res = search.rbf(pb, 100, generator=gen(10), n=2, init_particles=5)  # quota (100 - 10) // (2 * 5) = 9
+    assert [s.nfe.tolist() for s in res.trace] == [[10, 10]] + [[18, 18]] * 4 + [[18, 18]]
+    res = search.rbf(pb, 107, generator=gen(10), n=2, init_particles=5)  # 97 // 10 = 9, 48 iterations
+    assert res.trace[-1].nfe.tolist() == [2 * (48 - 4 * 9)] * 2 and res.nfe_used.tolist() == [106, 106]
+
+
+# -----------------------------------------------------------------------------------------------
+# Budget, determinism, batching, errors
+
+
+def counting_velocity(num_prompts):
+    """The mixture velocity, counting rows per prompt independently of search.py."""
+    seen = torch.zeros(num_prompts, dtype=torch.long)
+
+    def v(x, t, prompt):
+        seen.add_(torch.bincount(prompt, minlength=num_prompts))
+        return FLOW.velocity(x, t)
+
+    return v, seen
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(method=st.sampled_from(search.METHODS), steps=st.integers(2, 5), prompts=st.integers(1, 3),
+       dynamics=st.sampled_from(search.DYNAMICS), grid=st.sampled_from(["exp", "uniform"]),
+       n=st.integers(1, 3), k=st.integers(1, 3), extra=st.integers(0, 60), data=st.data())
+def test_no_method_ever_exceeds_its_budget(method, steps, prompts, dynamics, grid, n, k, extra, data):
+    knobs = {"none": {}, "bon": {"n": n}, "smc": {"n": n, "ess_threshold": data.draw(st.sampled_from([0.0, 0.5, 1.0]))},
+             "sop": {"n": n, "k": k, "ode_steps": data.draw(st.sampled_from([None, 1, 2]))},
+             "code": {"n": n, "k": k, "block": data.draw(st.integers(1, 3))}, "svdd": {"n": n},
+             "rbf": {"n": n, "init_particles": data.draw(st.sampled_from([None, 1, 3]))}, "dps": {"n": n},
+             "svdd+dps": {"n": n, "k": k}, "rbf+dps": {"n": n, "rollover": data.draw(st.booleans())}}[method]
+    if data.draw(st.booleans()):  # sometimes leave the sizes to the budget
+        knobs.pop("n", None), knobs.pop("k", None)
+    v, seen = counting_velocity(prompts)
+    pb = problem(velocity=v, num_prompts=prompts, num_steps=steps, dynamics=dynamics, time_grid=grid, max_batch=7)
+    need = search.min_nfe(method, pb, **knobs)
+    nfe = need + extra
+    res = search.run(method, pb, nfe, generator=gen(extra), **knobs)
+    assert torch.all(res.nfe_used <= nfe)
+    assert torch.equal(res.nfe_used, seen), "nfe_used must be what the velocity really saw"
+    assert torch.equal(sum(s.nfe for s in res.trace), res.nfe_used), "the trace accounts for every NFE"
+    assert res.x0.shape == (prompts, 2) and res.reward.shape == (prompts,) and torch.isfinite(res.reward).all()
+    assert res.particles.shape[:1] == (prompts,) and res.particles.shape[1:] == res.particle_rewards.shape[1:] + (2,)
+    if need > 1:
+        with pytest.raises(ValueError, match=f"at least {need} NFE"):
+            search.run(method, pb, need - 1, generator=gen(0), **knobs)
+
+
+def test_paper_sizes_at_500_nfe():
+    # App. D at 500 NFE / 10 steps; sizes the budget leaves free are filled up (noted per method).
+    pb = problem()
+    sizes = {m: search.run(m, pb, 500, generator=gen(0)) for m in ("bon", "smc", "svdd", "code", "rbf", "sop")}
+    assert sizes["bon"].knobs["n"] == 50 and sizes["smc"].knobs["n"] == 50
+    assert sizes["svdd"].knobs == {"n": 2, "k": 27} and sizes["code"].knobs["k"] == 27  # paper K = 25 leaves 48 unused
+    assert sizes["rbf"].knobs["init_particles"] == 25 and sizes["rbf"].knobs["quota"] == 25
+    assert sizes["sop"].knobs["ode_steps"] == 11 and len(sizes["sop"].trace) == 4  # 4 rewinds, 0.12 / 0.03
+    assert [int(r.nfe_used) for r in sizes.values()] == [500, 500, 488, 488, 500, 462]
+
+
+@pytest.mark.parametrize("method", search.METHODS)
+def test_same_seed_same_output(method):
+    pb = problem(num_prompts=2, dynamics="vp-sde")
+    a, b = (search.run(method, pb, 60, generator=gen(11)) for _ in range(2))
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.particles, b.particles)
+    assert [s.best_reward.tolist() for s in a.trace] == [s.best_reward.tolist() for s in b.trace]
+    c = search.run(method, pb, 60, generator=gen(12))
+    assert not torch.equal(a.x0, c.x0), "another seed should give another search"
+
+
+@pytest.mark.parametrize("method", search.METHODS)
+def test_batched_prompts_search_independently(method):
+    # Prompt 1 draws from a mixture shifted by +20 in x. Prompt 0 of the batch must be exactly the
+    # search of prompt 0 alone (same seed), whatever prompt 1 does; both get the full budget.
+    shifted = sde.GaussianMixtureFlow(MEANS + torch.tensor([20.0, 0.0]), STDS, WEIGHTS)
+
+    def v(x, t, prompt):
+        return torch.where((prompt == 1)[:, None], shifted.velocity(x, t), FLOW.velocity(x, t))
+
+    kw = {"velocity": v, "dtype": torch.float64, "max_batch": 5}
+    both = search.run(method, problem(num_prompts=2, **kw), 80, generator=gen(13))
+    alone = search.run(method, problem(num_prompts=1, **kw), 80, generator=gen(13))
+    torch.testing.assert_close(both.x0[0], alone.x0[0], rtol=0, atol=1e-12)
+    assert both.nfe_used[0] == both.nfe_used[1] == alone.nfe_used[0]
+    assert both.x0[1, 0] > 10 and both.x0[0, 0] < 10, "prompt ids must reach the velocity"
+
+
+def test_chunking_does_not_change_results():
+    pb = problem(dtype=torch.float64, num_prompts=2)
+    for method in ("svdd+dps", "smc", "rbf"):
+        a = search.run(method, pb, 80, generator=gen(14))
+        b = search.run(method, dataclasses.replace(pb, max_batch=3), 80, generator=gen(14))
+        torch.testing.assert_close(a.x0, b.x0, rtol=0, atol=1e-12)
+
+
+def test_user_errors_are_value_errors_with_helpful_messages():
+    pb = problem()
+    with pytest.raises(ValueError, match="bon, sop, smc"):
+        search.run("beam", pb, 100, generator=gen(0))
+    with pytest.raises(ValueError, match="at least 452 NFE"):  # svdd with k = 25: 2 + 2 * 25 * 9
+        search.run("svdd", pb, 451, generator=gen(0), k=25)
+    with pytest.raises(ValueError, match="unknown knob"):
+        search.run("bon", pb, 100, generator=gen(0), particles=3)
+    for method in ("rbf", "svdd", "sop", "smc"):
+        with pytest.raises(ValueError, match="knob n must be an int >= 1"):
+            search.run(method, pb, 100, generator=gen(0), n=0)
+    nan = problem(reward=lambda x, p: torch.full((x.shape[0],), math.nan), reward_name="broken-score")
+    with pytest.raises(ValueError, match="broken-score"):
+        search.run("rbf", nan, 100, generator=gen(0))
+    flat = problem(differentiable=False, reward_name="detector-count")
+    for method in ("dps", "svdd+dps", "rbf+dps"):
+        with pytest.raises(ValueError, match="detector-count"):
+            search.run(method, flat, 100, generator=gen(0))
+    with pytest.raises(ValueError, match="dynamics"):
+        problem(dynamics="ddim")
+    with pytest.raises(ValueError, match="num_steps"):
+        problem(num_steps=1)
+    with pytest.raises(ValueError, match="generator"):
+        search.run("bon", pb, 100, generator=0)
+
+
+def test_exceeding_the_budget_is_an_internal_error():
+    counts = search.new_counts(1, 3)
+    x, t, prompt = torch.zeros(2, 2), torch.ones(2), torch.zeros(2, dtype=torch.long)
+    search.evaluate(problem(), counts, x, t, prompt)
+    with pytest.raises(RuntimeError, match="exceed the budget"):
+        search.evaluate(problem(), counts, x, t, prompt)
+    assert counts.nfe.tolist() == [2], "a refused call spends nothing"
+
+
+def test_linear_ode_children_coincide_but_the_search_runs():
+    # With g = 0 every child of a parent is the same point (Table 1's identical Linear-ODE rows).
+    pb = problem(dynamics="linear-ode", num_prompts=3)
+    svdd = search.run("svdd", pb, 100, generator=gen(15))
+    bon2 = search.run("bon", pb, 20, generator=gen(15), n=2)  # the same two chains without search
+    torch.testing.assert_close(svdd.particles, bon2.particles)
+
+
+def test_callback_sees_every_step():
+    seen = []
+    res = search.run("smc", problem(), 100, generator=gen(16), callback=seen.append)
+    assert seen == res.trace and [s.step for s in seen] == list(range(10))
+    assert seen[0].ess is None and all(s.ess.shape == (1,) for s in seen[1:])
+
+
+def test_evaluate_is_the_converted_velocity_and_tweedie():
+    # search.evaluate computes Eq. 11 from per-grid coefficients; it must equal sde.convert_velocity.
+    pb = problem(dtype=torch.float64, num_prompts=1)
+    x = torch.randn(4, 2, generator=gen(17), dtype=torch.float64)
+    t = torch.tensor([1.0, 0.8, 0.4, 0.05], dtype=torch.float64)
+    ev = search.evaluate(pb, search.new_counts(1, 4), x, t, torch.zeros(4, dtype=torch.long))
+    u = sde.convert_velocity(FLOW.velocity, sde.LinearInterpolant(), sde.VPInterpolant())(x, t)
+    vp_flow = FLOW.with_interpolant(sde.VPInterpolant())
+    torch.testing.assert_close(ev.u_t, u, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ev.u_t, vp_flow.velocity(x, t), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(ev.x0_hat, vp_flow.x0_hat(x, t), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(ev.reward, vp_flow.x0_hat(x, t) @ A.double(), rtol=1e-8, atol=1e-8)
