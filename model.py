@@ -903,6 +903,224 @@ class CLIPText(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
+# CLIP vision encoder                                               (section owner: clipvis helper)
+#
+# The image tower of CLIP ViT-L/14 [4] ("openai/clip-vit-large-patch14") and the two projections
+# into CLIP's joint embedding space. FLUX does not use it: the rewards do. The LAION aesthetic
+# predictor (paper App. E.1, the differentiable reward of Table 2) is an MLP on the L2-normalised
+# projected image embedding, and CLIPScore is the cosine between projected image and text embeddings.
+# A ViT (Dosovitskiy et al. 2021, arXiv 2010.11929): the image is cut into P x P patches, each
+# patch linearly embedded (a stride-P convolution without bias), a learned class token is prepended
+# and learned absolute positions added; then a LayerNorm ("pre_layrnorm", misspelt in the
+# checkpoints), the same pre-LN layers as the text tower but bidirectional (no causal mask), and the
+# class token's state after "post_layernorm" is the pooled output, which `visual_projection` (no
+# bias) maps to the joint space.
+# Attribute names equal the keys of Hugging Face's CLIPVisionModelWithProjection / CLIPModel files.
+# The preprocessing (resize, centre crop, normalise) is done here in torch so that gradients reach
+# the pixels; `clip_preprocess` says where it differs from transformers' PIL-based processor.
+# Shape letters: B batch, S image side, P patch side, N = (S / P)^2 patches, D hidden, E = projection_dim.
+
+# OpenAI CLIP's per-channel pixel statistics (its preprocessing `Normalize`, and HF's image_mean/std).
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(kw_only=True)
+class CLIPVisionConfig:
+    """Architecture of a CLIP vision tower + projection (field names as in Hugging Face's config.json)."""
+
+    hidden_size: int              # D, width of the residual stream (ViT-L/14: 1024)
+    intermediate_size: int        # hidden width of the MLP (4096)
+    num_hidden_layers: int        # transformer layers (24)
+    num_attention_heads: int      # heads (16, so head dim 64)
+    num_channels: int             # input image channels (3)
+    image_size: int               # S, the side the tower is trained on; positions exist for it only (224)
+    patch_size: int               # P, side of one patch = stride of the patch embedding (14)
+    projection_dim: int           # E, width of the joint image-text embedding space (768)
+    layer_norm_eps: float         # LayerNorm epsilon (1e-5)
+
+    def __post_init__(self):
+        if min(self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads,
+               self.num_channels, self.image_size, self.patch_size, self.projection_dim) < 1:
+            raise ValueError(f"CLIPVisionConfig sizes must be positive, got {self}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}")
+
+    @property
+    def num_positions(self) -> int:
+        """N + 1: one position per patch plus the class token (ViT-L/14 at 224: 16^2 + 1 = 257)."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+CLIP_VISION_CONFIGS = {
+    "clip-vit-large-patch14": CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                               num_attention_heads=16, num_channels=3, image_size=224,
+                                               patch_size=14, projection_dim=768, layer_norm_eps=1e-5),
+    # For tests and notebooks: 2 layers, 4 heads x 8 channels, 32 x 32 images in 4 x 4 patches of 8 px.
+    "tiny": CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                             num_channels=3, image_size=32, patch_size=8, projection_dim=16, layer_norm_eps=1e-5),
+}
+
+
+def clip_preprocess(images: torch.Tensor, image_size: int = 224) -> torch.Tensor:
+    """CLIP's image preprocessing, differentiable: (B, 3, H, W) in [0, 1] -> (B, 3, S, S) normalised.
+
+    As transformers' CLIPImageProcessor: resize with bicubic filtering so that the shorter side is S
+    (the longer one becomes int(S * long / short)), crop the centre S x S (offsets rounded down;
+    OpenAI's torchvision pipeline rounds them to nearest, one pixel apart when the excess is odd),
+    subtract CLIP_IMAGE_MEAN and divide by CLIP_IMAGE_STD per channel.
+    The resize is PIL's algorithm in torch: `antialias=True` selects PIL's bicubic kernel (a = -0.5,
+    widened by the scale factor when shrinking, so a 1024^2 FLUX image is low-pass filtered, not
+    aliased), and like PIL it resizes the width first, then the height, clipping to [0, 1] after
+    each pass (PIL stores 8-bit images). The only difference left: PIL also rounds to 8 bits after
+    each pass, at most 0.5 / 255 after the first pass (carried into the second by a kernel whose
+    absolute weights sum to at most 1.25) and 0.5 / 255 after the second, i.e. <= 1.125 / 255 per pixel
+    before normalisation (test). Clipping zeroes the gradient of overshooting pixels only.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"clip_preprocess expects images (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    B, C, H, W = images.shape
+    short, long = min(H, W), max(H, W)
+    new_long = int(image_size * long / short)
+    h, w = (image_size, new_long) if H <= W else (new_long, image_size)
+    x = images
+    # PIL resizes horizontally first, then vertically, each as a separate 1-D pass
+    if w != W:
+        x = F.interpolate(x, size=(H, w), mode="bicubic", antialias=True, align_corners=False)  # (B, 3, H, w)
+        x = x.clamp(0, 1)
+    if h != H:
+        x = F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)  # (B, 3, h, w)
+        x = x.clamp(0, 1)
+    top, left = (h - image_size) // 2, (w - image_size) // 2
+    x = x[:, :, top:top + image_size, left:left + image_size]                    # (B, 3, S, S)
+    mean = torch.tensor(CLIP_IMAGE_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_IMAGE_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class CLIPVisionOutput(NamedTuple):
+    """What CLIPVision returns (the fields of transformers' CLIPVisionModelWithProjection output)."""
+
+    last_hidden_state: torch.Tensor  # (B, N + 1, D) the last layer's states, class token first (no post_layernorm)
+    pooled: torch.Tensor             # (B, D) post_layernorm(class token state)
+    image_embeds: torch.Tensor       # (B, E) visual_projection(pooled), not normalised
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Pixels (B, C, S, S) -> tokens (B, N + 1, D): [class token; patch embeddings] + positions."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        B = pixel_values.shape[0]
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, S/P, S/P)
+        patches = patches.flatten(2).transpose(1, 2)                              # (B, N, D), row-major patches
+        cls = self.class_embedding.expand(B, 1, -1)                               # (B, 1, D)
+        position = torch.arange(self.cfg.num_positions, device=pixel_values.device)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding(position)  # (B, N + 1, D)
+
+
+class CLIPVisionAttention(nn.Module):
+    """Bidirectional multi-head self-attention: the text tower's CLIPAttention without the causal mask
+    (same q/k/v/out_proj names and scale 1 / sqrt(Dh)); every patch sees every patch."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.q_proj = nn.Linear(D, D)
+        self.k_proj = nn.Linear(D, D)
+        self.v_proj = nn.Linear(D, D)
+        self.out_proj = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        H = self.num_heads
+        q = self.q_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
+        k = self.k_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
+        v = self.v_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
+        out = F.scaled_dot_product_attention(q, k, v)                 # (B, H, L, Dh)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))     # (B, L, D)
+
+
+class CLIPVisionEncoderLayer(nn.Module):
+    """Pre-LN block: x + attn(LN1(x)), then x + mlp(LN2(x)); the MLP is the text tower's CLIPMLP (quick_gelu)."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.self_attn = CLIPVisionAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)  # reads only hidden_size and intermediate_size
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPVision(nn.Module):
+    """CLIP image tower + visual_projection: pixel_values (B, C, S, S), normalised by `clip_preprocess`
+    -> CLIPVisionOutput(last_hidden_state (B, N + 1, D), pooled (B, D), image_embeds (B, E))."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        # ModuleDicts only to reproduce the checkpoint's `vision_model.` and `vision_model.encoder.` levels.
+        self.vision_model = nn.ModuleDict(dict(
+            embeddings=CLIPVisionEmbeddings(cfg),
+            pre_layrnorm=nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps),  # sic, the checkpoint key
+            encoder=nn.ModuleDict(dict(
+                layers=nn.ModuleList(CLIPVisionEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)),
+            )),
+            post_layernorm=nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps),
+        ))
+        self.visual_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> CLIPVisionOutput:
+        S = self.cfg.image_size
+        _check_shape("CLIPVision pixel_values (use clip_preprocess)", pixel_values, (None, self.cfg.num_channels, S, S))
+        vm = self.vision_model
+        x = vm.pre_layrnorm(vm.embeddings(pixel_values))      # (B, N + 1, D)
+        for layer in vm.encoder.layers:
+            x = layer(x)
+        pooled = vm.post_layernorm(x[:, 0])                   # (B, D), the class token
+        return CLIPVisionOutput(x, pooled, self.visual_projection(pooled))
+
+
+class CLIP(nn.Module):
+    """A full CLIP model (transformers' CLIPModel): both towers, both projections into the joint space,
+    and the learned temperature. What CLIPScore needs; the aesthetic predictor needs only `vision`.
+
+    Its own attribute names nest the towers (`text.text_model.*`, `vision.vision_model.*`,
+    `vision.visual_projection`), so that each tower is the standalone module; `clip_from_transformers`
+    maps the file's flat names (`text_model.*`, `vision_model.*`, `visual_projection`) onto them.
+    """
+
+    def __init__(self, text: CLIPTextConfig, vision: CLIPVisionConfig):
+        super().__init__()
+        self.text = CLIPText(text)
+        self.vision = CLIPVision(vision)
+        self.text_projection = nn.Linear(text.hidden_size, vision.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.empty(()))  # log of the logits' scale (ln 100 in trained CLIPs)
+
+    def text_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> projected text embeddings (B, E), not normalised (get_text_features)."""
+        return self.text_projection(self.text(input_ids).pooled)  # (B, E)
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels (B, C, S, S) -> projected image embeddings (B, E), not normalised (get_image_features)."""
+        return self.vision(pixel_values).image_embeds  # (B, E)
+
+
+# -----------------------------------------------------------------------------------------------
 # Tokenizers                                                        (section owner: text helper)
 #
 # Prompt -> fixed-length id tensors, as FLUX's pipelines make them (padding="max_length",
@@ -1841,6 +2059,105 @@ def save_clip_text(model: CLIPText, folder: str | Path) -> None:
               "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
               "dtype": str(model.text_model.final_layer_norm.weight.dtype).removeprefix("torch.")}
     _save_transformers_folder(model, config, folder)
+
+
+# CLIP vision tower and full CLIP: Hugging Face transformers folders -------------------------------
+
+# Fields an old config.json may omit; transformers then uses these defaults (its CLIPVisionConfig's).
+_CLIP_VISION_DEFAULTS = {"num_channels": 3, "layer_norm_eps": 1e-5}
+_CLIP_TEXT_KEYS = ("text_model.", "text_projection.", "logit_scale")  # the text side of a CLIPModel file
+
+
+def _clip_folder(path: str | Path, what: str) -> tuple[Path, dict]:
+    """A transformers CLIP folder and its config.json (a CLIPVisionModelWithProjection or a CLIPModel)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        found = sorted(p.name for p in folder.iterdir())[:12] if folder.is_dir() else "no such folder"
+        raise CheckpointError(f"{folder}: expected {what} (config.json + model.safetensors or "
+                              f"model.safetensors.index.json + shards); found {found}")
+    config = _read_json(folder / "config.json")
+    if config.get("model_type") not in ("clip", "clip_vision_model"):
+        raise CheckpointError(f"{folder / 'config.json'}: model_type {config.get('model_type')!r} is neither a "
+                              f"CLIPModel ('clip') nor a CLIPVisionModelWithProjection ('clip_vision_model')")
+    return folder, config
+
+
+def clip_vision_config_from_json(config: dict, source: Path) -> CLIPVisionConfig:
+    """CLIPVisionConfig from a CLIPVisionModelWithProjection config.json, or from the vision_config of a
+    CLIPModel config.json (whose projection_dim is the top-level one: it sizes both projections)."""
+    if "vision_config" in config:
+        vision = config["vision_config"] | {"projection_dim": config.get("projection_dim", 512)}
+    else:
+        vision = config
+    if vision.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise CheckpointError(f"{source}: hidden_act={vision['hidden_act']!r}; only OpenAI CLIP's 'quick_gelu' "
+                              f"is implemented")
+    return _config_from_json(CLIPVisionConfig, _CLIP_VISION_DEFAULTS | vision, source)
+
+
+def clip_vision_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The one remap of CLIP vision files: the `position_ids` buffer old files stored (arange of the
+    positions, recomputed here) is dropped. Names are otherwise ours."""
+    state.pop("vision_model.embeddings.position_ids", None)
+    return state
+
+
+def clip_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The one remap of full CLIPModel files onto `CLIP`: the towers' flat names get their tower's
+    attribute as prefix,
+
+        text_model.*                          -> text.text_model.*
+        vision_model.*, visual_projection.*   -> vision.vision_model.*, vision.visual_projection.*
+        text_projection.weight, logit_scale   -> unchanged
+
+    and the old `position_ids` buffers of both towers are dropped."""
+    state = clip_vision_from_transformers(state)
+    state.pop("text_model.embeddings.position_ids", None)
+    out = {}
+    for k, v in state.items():
+        if k.startswith("text_model."):
+            k = "text." + k
+        elif k.startswith(("vision_model.", "visual_projection.")):
+            k = "vision." + k
+        out[k] = v
+    return out
+
+
+def load_clip_vision(path: str | Path, *, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None) -> CLIPVision:
+    """Load a CLIP image tower + visual_projection from a transformers folder: a CLIPVisionModelWithProjection
+    (config.json with model_type "clip_vision_model") or a full CLIPModel such as openai/clip-vit-large-patch14
+    (config.json with vision_config; its text tensors are skipped). Weights in model.safetensors or
+    model.safetensors.index.json + shards. Strict, meta-device, as load_clip_text: a missing, unknown or
+    wrongly shaped vision tensor is a CheckpointError."""
+    folder, config = _clip_folder(path, "a CLIPVisionModelWithProjection or CLIPModel folder")
+    cfg = clip_vision_config_from_json(config, folder / "config.json")
+    state = clip_vision_from_transformers(read_sharded_folder(folder, "model"))
+    if "vision_config" in config:  # a CLIPModel file: set its text side aside, anything else stays and is reported
+        state = {k: v for k, v in state.items() if not k.startswith(_CLIP_TEXT_KEYS)}
+    with torch.device("meta"):
+        model = CLIPVision(cfg)
+    return load_checkpoint_into(model, state, folder, dtype=dtype, device=device)
+
+
+def load_clip(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> CLIP:
+    """Load a full CLIPModel folder (e.g. openai/clip-vit-large-patch14: config.json with text_config and
+    vision_config, model.safetensors or an index + shards) into `CLIP`, strictly. Its tokenizer files
+    (vocab.json + merges.txt) sit in the same folder: `load_clip_tokenizer(path)`.
+
+    The text tower pools at argmax(input_ids), i.e. the first <|endoftext|> (see CLIPText); transformers
+    does the same for CLIP's real vocabulary whatever the config's eos_token_id says."""
+    folder, config = _clip_folder(path, "a full CLIPModel folder")
+    if "text_config" not in config or "vision_config" not in config:
+        raise CheckpointError(f"{folder / 'config.json'} is not a full CLIPModel config (no text_config / "
+                              f"vision_config); CLIPScore needs both towers and both projections, e.g. "
+                              f"openai/clip-vit-large-patch14")
+    text_cfg = clip_text_config_from_json(config["text_config"], folder / "config.json")
+    vision_cfg = clip_vision_config_from_json(config, folder / "config.json")
+    state = clip_from_transformers(read_sharded_folder(folder, "model"))
+    with torch.device("meta"):
+        model = CLIP(text_cfg, vision_cfg)
+    return load_checkpoint_into(model, state, folder, dtype=dtype, device=device)
 
 
 # Autoencoder: BFL ae.safetensors and diffusers vae/ folders -------------------------------------

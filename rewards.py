@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import toyworld
-from model import CheckpointError, load_checkpoint_into, read_safetensors
+from model import (CLIP, CLIPTokenizer, CLIPVision, CheckpointError, clip_preprocess, load_checkpoint_into,
+                   load_clip, load_clip_tokenizer, load_clip_vision, read_safetensors)
 
 DEFAULT_COUNTER = Path(__file__).resolve().parent / "weights" / "counter"
 
@@ -319,18 +320,208 @@ def load_counter(folder: str | Path = DEFAULT_COUNTER) -> LearnedCounter:
 # By name
 
 
-REWARD_NAMES = ("counting", "composition", "learned-counter")
+REWARD_NAMES = ("counting", "composition", "learned-counter", "aesthetic", "clip-score")
 
 
-def get_reward(name: str, counter_folder: str | Path = DEFAULT_COUNTER) -> Reward:
-    """The reward called `name` (one of REWARD_NAMES)."""
+def get_reward(name: str, counter_folder: str | Path = DEFAULT_COUNTER, *, weights: str | Path | None = None,
+               clip: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None) -> Reward:
+    """The reward called `name` (one of REWARD_NAMES). The real-image rewards need files that are not in
+    this repository: "aesthetic" the predictor's `weights` and a CLIP ViT-L/14 folder `clip`, "clip-score"
+    a full CLIPModel folder `clip` (see load_aesthetic_reward / load_clip_score); `device` and `dtype`
+    apply to those."""
     if name == "counting":
         return CountingReward()
     elif name == "composition":
         return CompositionReward()
     elif name == "learned-counter":
         return load_counter(counter_folder)
+    elif name == "aesthetic":
+        return load_aesthetic_reward(weights, clip, device=device, dtype=dtype)
+    elif name == "clip-score":
+        return load_clip_score(clip, device=device, dtype=dtype)
     raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARD_NAMES)}")
+
+
+# -----------------------------------------------------------------------------------------------
+# Real-image rewards: CLIPScore and the LAION aesthetic predictor     (section owner: clipvis helper)
+#
+# The paper's aesthetic task (App. E.1, Table 2) guides FLUX with the gradient of the LAION
+# "improved aesthetic predictor" (sac+logos+ava1-l14-linearMSE.pth), an MLP on the L2-normalised
+# CLIP ViT-L/14 image embedding of the decoded x0_hat (notes/paper.md Sec. 4). CLIPScore (Hessel et
+# al. 2021) is the cosine between CLIP's image and text embeddings (paper Table 3). Both run the
+# image through `model.clip_preprocess` (resize to 224, centre crop, CLIP normalisation) in torch,
+# so they are differentiable in the pixels, hence in the latent (DPS, Eq. 30), and follow the reward
+# protocol above. The weights are not in this repository: get_reward takes their paths.
+
+AESTHETIC_WIDTHS = (1024, 128, 64, 16, 1)  # the public predictor's Linear output sizes, after the E-d input
+
+
+class AestheticMLP(nn.Module):
+    """The LAION aesthetic head: (B, E) L2-normalised CLIP image embeddings -> (B,) scores (~1-10 on AVA's scale).
+
+    The public model (christophschuhmann/improved-aesthetic-predictor) is nn.Sequential(Linear(E, 1024),
+    Dropout(0.2), Linear(1024, 128), Dropout(0.2), Linear(128, 64), Dropout(0.1), Linear(64, 16),
+    Linear(16, 1)), E = 768 for ViT-L/14, so its file holds layers.{0,2,4,6,7}.{weight,bias}. The ReLUs
+    are commented out in that code ("linearMSE"): the head is one affine map of the embedding, written
+    as five layers. The dropout slots are nn.Identity here (dropout is the identity at inference), kept
+    so that the indices are the file's keys, and so the reward stays deterministic even in train mode.
+    """
+
+    def __init__(self, input_size: int = 768):
+        super().__init__()
+        if input_size < 1:
+            raise ValueError(f"input_size must be positive, got {input_size}")
+        w = (input_size,) + AESTHETIC_WIDTHS
+        self.layers = nn.Sequential(nn.Linear(w[0], w[1]), nn.Identity(), nn.Linear(w[1], w[2]), nn.Identity(),
+                                    nn.Linear(w[2], w[3]), nn.Identity(), nn.Linear(w[3], w[4]), nn.Linear(w[4], w[5]))
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeds)[:, 0]  # (B,)
+
+
+def load_aesthetic_head(path: str | Path) -> AestheticMLP:
+    """Read the aesthetic head from the public `.pth` (a plain state dict, read with weights_only=True so
+    no code in the file runs) or a `.safetensors` file with the same keys. Strict: the input size comes
+    from layers.0.weight, every other name and shape must be the public model's (CheckpointError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"aesthetic predictor weights not found: {path}")
+    if path.suffix == ".safetensors":
+        state = read_safetensors(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and weights_only errors have no common base class
+            raise CheckpointError(f"{path} is not a readable torch state dict: {e}") from None
+    if not isinstance(state, dict) or "layers.0.weight" not in state or state["layers.0.weight"].ndim != 2:
+        keys = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: expected the LAION aesthetic predictor's state dict (layers.0.weight "
+                              f"(1024, 768), ..., layers.7.bias), got {keys}")
+    with torch.device("meta"):
+        head = AestheticMLP(state["layers.0.weight"].shape[1])
+    return load_checkpoint_into(head, state, path)
+
+
+def _image_embeds(vision: CLIPVision, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] -> projected CLIP image embeddings (B, E), differentiable."""
+    p = vision.visual_projection.weight
+    pixel_values = clip_preprocess(images.to(p.dtype), vision.cfg.image_size)  # (B, 3, S, S)
+    return vision(pixel_values).image_embeds                                 # (B, E)
+
+
+class AestheticReward(nn.Module):
+    """LAION aesthetic score of each image (the given reward of the paper's Table 2; prompts are not used):
+    head(e / |e|), e = CLIP image embedding of clip_preprocess(image). Differentiable."""
+
+    name = "aesthetic"
+    differentiable = True
+
+    def __init__(self, vision: CLIPVision, head: AestheticMLP):
+        super().__init__()
+        width = head.layers[0].in_features
+        if width != vision.cfg.projection_dim:
+            raise ValueError(f"the aesthetic head takes {width}-d embeddings but this CLIP embeds in "
+                             f"{vision.cfg.projection_dim} dimensions (the public head needs CLIP ViT-L/14)")
+        self.vision = vision
+        self.head = head
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_inputs(images, prompts, self.name)
+        embeds = F.normalize(_image_embeds(self.vision, images), dim=-1)  # (B, E), as the public code's L2 norm
+        return check_finite(self.head(embeds), self.name)
+
+
+class CLIPScore(nn.Module):
+    """CLIPScore = scale * cos(CLIP image embedding, CLIP text embedding of the prompt), (B,). Differentiable.
+
+    scale = 100 gives torchmetrics' units (real image-prompt pairs score ~20-35 with ViT-L/14); the
+    paper's Table 3 reports the plain cosine (scale = 1, ~0.27); Hessel et al.'s CLIP-S is
+    2.5 max(cos, 0). Unlike both, negative cosines are not clipped to 0, so the gradient never
+    vanishes (for real pairs the cosine is positive anyway). Text embeddings are computed once per
+    prompt and kept (a search scores the same prompts thousands of times); they do not depend on
+    the image, so no gradient is lost. Changing the CLIP weights afterwards needs a new CLIPScore.
+    """
+
+    name = "clip-score"
+    differentiable = True
+
+    def __init__(self, clip: CLIP, tokenizer: CLIPTokenizer, scale: float = 100.0):
+        super().__init__()
+        if tokenizer.max_length > clip.text.cfg.max_position_embeddings:
+            raise ValueError(f"the tokenizer makes {tokenizer.max_length} ids per prompt but the CLIP text tower "
+                             f"has {clip.text.cfg.max_position_embeddings} positions")
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.scale = scale
+        self._text: dict[str, torch.Tensor] = {}  # prompt -> its normalised text embedding (E,)
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """L2-normalised projected text embeddings of the prompts, (B, E), cached per prompt."""
+        new = sorted(set(prompts) - self._text.keys())
+        if new:
+            device = self.clip.text_projection.weight.device
+            embeds = F.normalize(self.clip.text_embeds(self.tokenizer(new).to(device)), dim=-1)  # (len(new), E)
+            self._text.update(zip(new, embeds))
+        return torch.stack([self._text[p] for p in prompts])  # (B, E)
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_inputs(images, prompts, self.name)
+        image = F.normalize(_image_embeds(self.clip.vision, images), dim=-1)  # (B, E)
+        text = self.text_embeds(prompts).to(image)                             # (B, E)
+        return check_finite(self.scale * (image * text).sum(-1), self.name)
+
+
+@dataclass
+class WeightedReward:
+    """sum_i weights[i] * rewards[i](images, prompts): several rewards as one, each scaled so that their
+    ranges are comparable (e.g. aesthetic ~5 against CLIPScore ~30). Differentiable iff every term is."""
+
+    rewards: list[Reward]   # the terms, each following the reward protocol
+    weights: list[float]    # one multiplier per term
+    name: str = ""          # default: "w1*name1+w2*name2"
+    differentiable: bool = field(init=False)  # derived from the terms
+
+    def __post_init__(self):
+        if not self.rewards or len(self.rewards) != len(self.weights):
+            raise ValueError(f"WeightedReward needs one weight per reward, got {len(self.rewards)} rewards and "
+                             f"{len(self.weights)} weights")
+        self.weights = [float(w) for w in self.weights]
+        self.name = self.name or "+".join(f"{w:g}*{r.name}" for r, w in zip(self.rewards, self.weights))
+        self.differentiable = all(r.differentiable for r in self.rewards)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        total = sum(w * r(images, prompts) for r, w in zip(self.rewards, self.weights))
+        return check_finite(total, self.name)
+
+
+def load_aesthetic_reward(weights: str | Path | None, clip: str | Path | None, *, device: str = "cpu",
+                          dtype: torch.dtype | None = None) -> AestheticReward:
+    """The paper's aesthetic reward from its two files: the head (`weights`, the public
+    sac+logos+ava1-l14-linearMSE.pth) and CLIP ViT-L/14 (`clip`, a transformers folder of
+    openai/clip-vit-large-patch14 or of its CLIPVisionModelWithProjection). Frozen: DPS differentiates
+    with respect to the pixels only."""
+    if weights is None or clip is None:
+        raise ValueError("reward 'aesthetic' needs two files: weights=PATH of the LAION aesthetic predictor "
+                         "(sac+logos+ava1-l14-linearMSE.pth, github.com/christophschuhmann/improved-aesthetic-"
+                         "predictor) and clip=PATH of a CLIP ViT-L/14 folder (openai/clip-vit-large-patch14: "
+                         f"config.json + model.safetensors); got weights={weights}, clip={clip}")
+    head = load_aesthetic_head(weights).to(device)
+    vision = load_clip_vision(clip, device=device, dtype=dtype)
+    reward = AestheticReward(vision, head if dtype is None else head.to(dtype))
+    return reward.requires_grad_(False).eval()
+
+
+def load_clip_score(clip: str | Path | None, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                    scale: float = 100.0) -> CLIPScore:
+    """CLIPScore from one full CLIPModel folder holding both towers and the tokenizer (e.g.
+    openai/clip-vit-large-patch14: config.json, model.safetensors, vocab.json, merges.txt). Frozen."""
+    if clip is None:
+        raise ValueError("reward 'clip-score' needs clip=PATH of a full CLIPModel folder with its tokenizer, e.g. "
+                         "openai/clip-vit-large-patch14 (config.json, model.safetensors, vocab.json, merges.txt)")
+    model = load_clip(clip, device=device, dtype=dtype)
+    tokenizer = load_clip_tokenizer(clip, max_length=model.text.cfg.max_position_embeddings)
+    return CLIPScore(model, tokenizer, scale).requires_grad_(False).eval()
 
 
 if __name__ == "__main__":
