@@ -207,14 +207,18 @@ def heldout_metrics(images: torch.Tensor, prompts: list[str]) -> list[dict]:
 
 
 def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamics: str = "vp-sde",
-             nfe: int = 200, num_steps: int = 10, reward: str = "counting", seed: int = 0,
+             nfe: int = 200, num_steps: int = 10, reward: str | R.Reward = "counting", seed: int = 0,
              callback=None, **knobs) -> Generation:
-    """Run one search method for each prompt with a budget of `nfe` velocity evaluations per prompt."""
+    """Run one search method for each prompt with a budget of `nfe` velocity evaluations per prompt.
+
+    reward is a name of rewards.get_reward (the shape-world ones need no files) or a reward object
+    (e.g. rewards.get_reward("aesthetic", weights=..., clip=...) for real images).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if dynamics not in DYNAMICS:
         raise ValueError(f"unknown dynamics {dynamics!r}; choose one of {', '.join(DYNAMICS)}")
-    reward_fn = R.get_reward(reward)
+    reward_fn = R.get_reward(reward) if isinstance(reward, str) else reward
     cond = encode_prompts(pipe, prompts)
     problem = make_problem(pipe, cond, reward_fn, dynamics=dynamics, num_steps=num_steps)
     generator = torch.Generator().manual_seed(seed)
@@ -333,8 +337,11 @@ def cmd_demo(args) -> None:
 
 def cmd_generate(args) -> None:
     pipe = load_pipeline(args.model, height=args.height, width=args.width)
+    # Real-image rewards read their files here (the aesthetic head, a full CLIP ViT-L/14 folder).
+    reward = R.get_reward(args.reward, weights=args.reward_weights, clip=args.clip)
+    knobs = {} if args.dps_beta is None else {"dps_beta": args.dps_beta}
     gen = generate(pipe, [args.prompt], method=args.method, dynamics=args.dynamics, nfe=args.nfe,
-                   num_steps=args.steps, reward=args.reward, seed=args.seed)
+                   num_steps=args.steps, reward=reward, seed=args.seed, **knobs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_png(gen.images[0], out / "image.png", scale=8 if pipe.shape_world else 1)
@@ -352,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p):
         p.add_argument("--model", default=None, help="model folder (default: the embedded weights/mini-flux)")
         p.add_argument("--steps", type=int, default=10, help="denoising steps")
-        p.add_argument("--reward", default="counting", help="given reward: counting | composition | learned-counter")
+        p.add_argument("--reward", default="counting",
+                       help="given reward: " + " | ".join(R.REWARD_NAMES))
         p.add_argument("--seed", type=int, default=0)
 
     demo = sub.add_parser("demo", help="plain sampler vs BoN vs RBF on the embedded model",
@@ -371,13 +379,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--nfe", type=int, default=200, help="NFE budget (velocity evaluations)")
     gen.add_argument("--height", type=int, default=1024, help="image height (real FLUX.1 only)")
     gen.add_argument("--width", type=int, default=1024, help="image width (real FLUX.1 only)")
+    gen.add_argument("--reward-weights", default=None,
+                     help="aesthetic: the LAION predictor file (sac+logos+ava1-l14-linearMSE.pth or .safetensors)")
+    gen.add_argument("--clip", default=None,
+                     help="aesthetic / clip-score: a CLIP ViT-L/14 folder (HF CLIPModel: config.json, "
+                          "model.safetensors, vocab.json, merges.txt)")
+    gen.add_argument("--dps-beta", type=float, default=None,
+                     help="reward temperature of the +dps methods (guidance strength 1/beta; default search.DPS_BETA)")
     gen.add_argument("--out", default="out/generate")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         {"demo": cmd_demo, "generate": cmd_generate}[args.command](args)
     except ValueError as e:  # bad user input (unknown method, budget too small, unknown words, ...)
