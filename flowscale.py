@@ -82,6 +82,9 @@ def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: 
     # The embedded model is stored in bf16 (like the release) but small enough to run in float32;
     # the real FLUX.1 (12 B parameters) only fits in memory as bf16.
     dtype = dtype or (torch.float32 if meta_file.is_file() else torch.bfloat16)
+    # checked before loading anything (a real FLUX.1 takes minutes to load)
+    if not meta_file.is_file() and (height % 16 or width % 16):
+        raise ValueError(f"FLUX.1 needs height and width divisible by 16, got {height}x{width}")
     flux = M.load_flux(path, device=device, dtype=dtype)
     t5 = M.load_t5(path, device=device, dtype=dtype)
     clip = M.load_clip_text(path, device=device, dtype=dtype)
@@ -94,14 +97,13 @@ def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: 
         t5_tokenizer = M.load_t5_tokenizer(path, max_length=meta["t5_max_length"])
         return Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, shape,
                         shape_world=meta.get("world") == "shapes", name=str(path))
-    if height % 16 or width % 16:
-        raise ValueError(f"FLUX.1 needs height and width divisible by 16, got {height}x{width}")
     latent = M.load_autoencoder(path, device=device, dtype=dtype)
     is_dev = flux.params.guidance_embed
     # BFL's sequence lengths: 256 T5 tokens for schnell, 512 for dev (notes/flux.md, Tokenizers).
     t5_tokenizer = M.load_t5_tokenizer(path, max_length=512 if is_dev else 256)
-    z = latent.params.z_channels
-    return Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, (z, height // 8, width // 8),
+    # f = 8 for FLUX.1's autoencoder; read from its config so that other autoencoders get the right latent
+    z, f = latent.params.z_channels, latent.params.downsample
+    return Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, (z, height // f, width // f),
                     shape_world=False, guidance=guidance if is_dev else None, name=str(path))
 
 
@@ -160,8 +162,12 @@ def make_velocity(pipe: Pipeline, cond: Conditioning) -> Callable[[torch.Tensor,
 
 
 def decode(pipe: Pipeline, z: torch.Tensor) -> torch.Tensor:
-    """Latents (B, C, H, W) -> images (B, 3, H', W') in [0, 1] (differentiable)."""
-    return ((pipe.latent.decode(z) + 1) / 2).clamp(0, 1)
+    """Latents (B, C, H, W) -> images (B, 3, H', W') in [0, 1], in z's dtype (differentiable)."""
+    # The autoencoder may hold another dtype than the search's latents (bf16 for FLUX.1, float32
+    # latents): decode in its dtype and hand back z's, as make_velocity does.
+    weight = next(pipe.latent.parameters(), None)  # None for the embedded model's PixelLatent
+    x = pipe.latent.decode(z if weight is None else z.to(weight.dtype)).to(z.dtype)
+    return ((x + 1) / 2).clamp(0, 1)
 
 
 def make_problem(pipe: Pipeline, cond: Conditioning, reward, *, dynamics: str = "vp-sde",
@@ -336,9 +342,10 @@ def cmd_demo(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    pipe = load_pipeline(args.model, height=args.height, width=args.width)
-    # Real-image rewards read their files here (the aesthetic head, a full CLIP ViT-L/14 folder).
+    # Real-image rewards read their files here (the aesthetic head, a full CLIP ViT-L/14 folder),
+    # before the model: a missing file should not cost the minutes of loading FLUX.1 first.
     reward = R.get_reward(args.reward, weights=args.reward_weights, clip=args.clip)
+    pipe = load_pipeline(args.model, height=args.height, width=args.width)
     knobs = {} if args.dps_beta is None else {"dps_beta": args.dps_beta}
     gen = generate(pipe, [args.prompt], method=args.method, dynamics=args.dynamics, nfe=args.nfe,
                    num_steps=args.steps, reward=reward, seed=args.seed, **knobs)

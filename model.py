@@ -283,10 +283,12 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
     Pair j, (x[2j], x[2j+1]), read as the complex number x[2j] + i x[2j+1], is multiplied by
     rot[j]: a 2-D rotation by angle_j (as in Llama's reference code; on CPU ~20x faster than four
-    real products on the strided halves).
+    real products on the strided halves). Computed in float32 for bf16 / fp16 inputs (as BFL), in
+    float64 for float64 inputs (so gradient checks see no float32 rounding).
     """
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, L, H, Dh/2), complex
-    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)           # (B, L, H, Dh)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    pairs = torch.view_as_complex(x.to(dtype).reshape(*x.shape[:-1], -1, 2))  # (B, L, H, Dh/2), complex
+    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)             # (B, L, H, Dh)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -321,15 +323,17 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * scale over the last dim, computed in float32 (the QK-norm of FLUX)."""
+    """x / rms(x) * scale over the last dim, computed in at least float32 (the QK-norm of FLUX)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rrms = torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + 1e-6)
-        return (x.float() * rrms).to(x.dtype) * self.scale
+        # bf16 / fp16 are upcast to float32 as in BFL; float64 stays float64.
+        x_hi = x.to(torch.promote_types(x.dtype, torch.float32))
+        rrms = torch.rsqrt(x_hi.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+        return (x_hi * rrms).to(x.dtype) * self.scale
 
 
 class QKNorm(nn.Module):
@@ -537,7 +541,9 @@ class Flux(nn.Module):
         n = max(len(txt_ids), len(img_ids))
         ids = torch.cat((txt_ids.expand(n, -1, -1), img_ids.expand(n, -1, -1)), dim=1)  # (n, L_txt + L_img, 3)
         angles = rope_angles(ids, p.axes_dim, p.theta)[:, :, None]              # (n, L_txt + L_img, 1, Dh/2)
-        rot = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # e^(i angle), same shape
+        # e^(i angle) in complex64, or complex128 for a float64 model (apply_rope then computes in float64)
+        rot = torch.polar(torch.ones_like(angles), angles).to(
+            torch.complex128 if dtype == torch.float64 else torch.complex64)  # (n, L_txt + L_img, 1, Dh/2)
 
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, rot)

@@ -222,12 +222,50 @@ def train(cfg: TrainConfig) -> Path:
     return out
 
 
+# -----------------------------------------------------------------------------------------------
+# Evaluation: how good is the base model? (the room search has to help)
+
+
+def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int = 50) -> dict:
+    """The plain sampler (Linear-ODE, 10 Euler steps, one sample per prompt) on held-out prompts,
+    scored by the exact detector: counting accuracy (RSS = 0) and mean RSS on counting prompts, mean
+    composition score (fraction of facts that hold) on composition prompts. Written into
+    flowscale.json under "eval" and returned."""
+    import flowscale  # the pipeline imports this module's neighbours, not this module
+
+    pipe = flowscale.load_pipeline(folder)
+    scores = {}
+    for kind in ("counting", "composition"):
+        prompts = toyworld.heldout_prompts(kind, n_prompts, seed=seed)
+        metrics = []
+        for i in tqdm(range(0, n_prompts, batch), desc=f"eval {kind}", dynamic_ncols=True):
+            gen = flowscale.generate(pipe, prompts[i:i + batch], method="none", dynamics="linear-ode",
+                                     nfe=10, seed=seed + i)
+            metrics += gen.metrics
+        acc = np.array([m["accuracy"] for m in metrics])
+        scores[kind] = {"prompts": n_prompts, "seed": seed,
+                        "accuracy": float(acc.mean()), "accuracy_se": float(acc.std(ddof=1) / np.sqrt(len(acc))),
+                        "mean_rss": float(np.mean([m["rss"] for m in metrics])),
+                        "composition": float(np.mean([m["composition"] for m in metrics]))}
+    meta_file = Path(folder) / "flowscale.json"
+    meta = json.loads(meta_file.read_text())
+    meta["eval"] = {"sampler": "plain Linear-ODE, 10 Euler steps, held-out prompts", **scores}
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    print(json.dumps(meta["eval"], indent=2))
+    return meta["eval"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field, value in asdict(TrainConfig()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    train(TrainConfig(**vars(parser.parse_args())))
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate the model in --out")
+    parser.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per task in the evaluation")
+    args = vars(parser.parse_args())
+    eval_only, eval_prompts = args.pop("eval_only"), args.pop("eval_prompts")
+    out = args["out"] if eval_only else train(TrainConfig(**args))
+    evaluate(out, eval_prompts, seed=args["seed"])
 
 
 if __name__ == "__main__":
