@@ -4,10 +4,14 @@ The FLUX.1 text-to-image stack, from scratch, in one file.
     Flux          the MMDiT velocity network (double-stream + single-stream blocks)
     T5Encoder     T5 v1.1 encoder (the `txt` sequence FLUX attends to)
     CLIPText      CLIP ViT-L/14 text tower (the pooled `y` vector that modulates FLUX)
-    AutoEncoder   the FLUX autoencoder (16 latent channels, scale 0.3611, shift 0.1159)
+    CLIPVision    CLIP ViT-L/14 vision tower and projections (for CLIPScore and the LAION
+                  aesthetic reward of rewards.py), with CLIP's preprocessing done in torch
     tokenizers    CLIP BPE (`tokenizers`) and T5 SentencePiece (`sentencepiece`)
-    loaders       load_flux / load_t5 / load_clip_text / load_autoencoder, reading the real
-                  release files (BFL single files and Hugging Face / diffusers folders)
+    AutoEncoder   the FLUX autoencoder (16 latent channels, scale 0.3611, shift 0.1159)
+    loaders       load_flux / load_t5 / load_clip_text / load_autoencoder / load_clip_vision /
+                  load_clip, reading the real release files (BFL single files and Hugging Face /
+                  diffusers folders), and the matching save_* writers
+    PixelLatent   the embedded mini-FLUX's stand-in for the autoencoder (pixels rearranged)
 
 Module attribute names equal the checkpoint keys, so every load is
 `load_state_dict(strict=True, assign=True)` on a model built on the meta device: the weights are
@@ -139,7 +143,7 @@ def load_checkpoint_into(module: nn.Module, state: dict[str, torch.Tensor], sour
 
 
 # -----------------------------------------------------------------------------------------------
-# Flux MMDiT                                                        (section owner: flux helper)
+# Flux MMDiT
 #
 # The FLUX.1 velocity network [1], an MMDiT [2]. Text and image tokens first pass through `depth`
 # double-stream blocks (separate weights per stream, one joint attention), then, concatenated,
@@ -561,7 +565,7 @@ def _check_shape(name: str, x: torch.Tensor, shape: tuple[int | None, ...]) -> N
 
 
 # -----------------------------------------------------------------------------------------------
-# T5 v1.1 encoder                                                   (section owner: text helper)
+# T5 v1.1 encoder
 #
 # The encoder of T5 v1.1 XXL [3] ("google/t5-v1_1-xxl"), whose last hidden states are the `txt`
 # token sequence FLUX attends to. v1.1 differs from the original T5 by a gated-GELU feed-forward
@@ -767,7 +771,7 @@ class T5Encoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# CLIP text encoder                                                 (section owner: text helper)
+# CLIP text encoder
 #
 # The text tower of CLIP ViT-L/14 [4] ("openai/clip-vit-large-patch14"). FLUX uses only its pooled
 # output: the final-LayerNorm state of the first <|endoftext|> token, which becomes the vector y
@@ -909,7 +913,7 @@ class CLIPText(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# CLIP vision encoder                                               (section owner: clipvis helper)
+# CLIP vision encoder
 #
 # The image tower of CLIP ViT-L/14 [4] ("openai/clip-vit-large-patch14") and the two projections
 # into CLIP's joint embedding space. FLUX does not use it: the rewards do. The LAION aesthetic
@@ -1127,7 +1131,7 @@ class CLIP(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# Tokenizers                                                        (section owner: text helper)
+# Tokenizers
 #
 # Prompt -> fixed-length id tensors, as FLUX's pipelines make them (padding="max_length",
 # truncation=True):
@@ -1419,7 +1423,7 @@ def train_t5_sentencepiece(corpus: list[str], vocab_size: int, folder: str | Pat
 
 
 # -----------------------------------------------------------------------------------------------
-# Autoencoder                                                       (section owner: ae helper)
+# Autoencoder
 #
 # The FLUX.1 autoencoder [1]: the KL-regularised convolutional autoencoder of latent diffusion [5],
 # with 16 latent channels and an 8x smaller grid. The encoder maps an image (B, 3, H, W) in [-1, 1]
@@ -1660,7 +1664,7 @@ class AutoEncoder(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------
-# Loaders for the real release files                   (each helper adds its own load_* function)
+# Loaders for the real release files
 
 
 # Flux: BFL single files and diffusers folders --------------------------------------------------

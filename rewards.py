@@ -23,9 +23,15 @@ and a differentiable aesthetic reward for gradient guidance (App. E.1). In the s
                         detector as the held-out metric (as the paper holds out InstructBLIP
                         and ImageReward)
 
+For real images (the paper's aesthetic task, Table 2) there are
+
+    CLIPScore           100 * cos(CLIP image embedding, CLIP text embedding), ViT-L/14
+    AestheticReward     the LAION aesthetic predictor (MLP 768-1024-128-64-16-1) on the
+                        normalised CLIP ViT-L/14 image embedding
+    WeightedReward      a weighted sum of rewards, differentiable when every term is
+
 A reward is any object with `name: str`, `differentiable: bool` and
 `__call__(images (B, 3, H, W) in [0, 1], prompts: list[str]) -> (B,)`, higher is better.
-CLIPScore and the LAION aesthetic predictor will follow the same protocol.
 
 References:
   [1] Kim, Yoon, Hwang, Sung 2025, arXiv 2503.19385 (the paper)

@@ -35,16 +35,6 @@ CONFIGS = {
 IMAGE_SIZES = [(1, 16, 24), (2, 8, 16)]  # (B, H, W): non-square so a swapped H and W shows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These convolutions are tiny: on a busy machine, torch's thread pool made them ~100x slower
-    (0.85 s vs 6 ms per decode, measured with the CPU shared with a training run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_diffusers(name: str, seed: int = 0):
     """A diffusers AutoencoderKL with every tensor random (norm gains and biases too, so a swapped name shows)."""
     config = CONFIGS[name]

@@ -33,16 +33,6 @@ TEXT_TINY = dict(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden
 PROJECTION = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: on a machine shared with a training run, torch's thread pool made each forward
-    ~30x slower (2.2 s vs 0.06 s per parity check, measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomise_vectors(model: torch.nn.Module, seed: int) -> None:
     """Norm gains ~ 1 + 0.3 N(0, 1), biases and the class embedding ~ 0.3 N(0, 1): a swapped or
     missing vector shows."""

@@ -50,16 +50,6 @@ AE_8X = dataclasses.replace(M.AE_CONFIGS["tiny"], ch_mult=(1, 2, 2, 2))  # 3 dow
 CLIP_PROJECTION = 12  # the reward CLIP's embedding width = the aesthetic head's input size
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: on the shared 2-core machine torch's thread pool made them slower, not faster
-    (as in test_rewards_clip.py and test_bench.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomise_vectors(module: nn.Module, seed: int) -> None:
     """Norm gains ~ 1 + 0.3 N(0, 1), biases ~ 0.3 N(0, 1): a swapped or dropped tensor then changes
     the output (at their default 1 and 0 many mistakes would cancel)."""

@@ -35,16 +35,6 @@ PROJECTION = 12
 TEXT_POSITIONS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices and convolutions: on a machine shared with a training run, torch's thread pool
-    made them many times slower (see test_model_clip_vision.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomise_vectors(model: nn.Module, seed: int) -> None:
     """Norm gains ~ 1 + 0.3 N(0, 1), biases and the class embedding ~ 0.3 N(0, 1)."""
     g = torch.Generator().manual_seed(seed)

@@ -25,16 +25,6 @@ STDS = torch.tensor([0.4, 0.5, 0.3], dtype=F64)
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the samplers push tiny (4000, 3, 2) tensors through 400 steps, where thread
-    hand-offs cost more than they save (and far more on a busy machine)."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 def mixture(interpolant=None) -> GaussianMixtureFlow:
     return GaussianMixtureFlow(MEANS, STDS, WEIGHTS, interpolant or LinearInterpolant())
 
