@@ -11,6 +11,8 @@ Budget Forcing and its baselines, Sec. 6, Alg. 2).
         VP-SDE, an image grid, a table of rewards, summary.json
     python flowscale.py generate --prompt P [--method rbf] [--dynamics vp-sde] [--nfe 200] ...
         one prompt, one search; writes image.png and result.json
+    python flowscale.py bench --task counting --nfe 50,100,200,500 --prompts 16 --seeds 2 --out DIR
+        the paper's tables and figures in miniature (bench.py); resumable, torchrun-shardable
 
 One generate call (DESIGN.md, "Data flow"):
 
@@ -394,13 +396,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dps-beta", type=float, default=None,
                      help="reward temperature of the +dps methods (guidance strength 1/beta; default search.DPS_BETA)")
     gen.add_argument("--out", default="out/generate")
+
+    import bench  # the benchmark harness imports this module, so it is imported here, not at the top
+
+    bench.add_arguments(sub.add_parser("bench", help="the paper's tables and figures in miniature (bench.py)",
+                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"demo": cmd_demo, "generate": cmd_generate}[args.command](args)
+        if args.command == "bench":
+            import bench
+            bench.run(args)
+        else:
+            {"demo": cmd_demo, "generate": cmd_generate}[args.command](args)
     except ValueError as e:  # bad user input (unknown method, budget too small, unknown words, ...)
         print(f"flowscale {args.command}: error: {e}", file=sys.stderr)
         return 2

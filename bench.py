@@ -1,0 +1,783 @@
+"""
+bench: the paper's claims, reproduced in miniature on a CPU (GitHub issue 5).
+
+Kim, Yoon, Hwang, Sung 2025, "Inference-Time Scaling for Flow Models via Stochastic Generation and
+Rollover Budget Forcing", arXiv 2503.19385. The embedded mini-FLUX stands in for FLUX, the exact
+shape-world rewards for VQAScore and GroundingDINO (rewards.py). The claims checked (Sec. 7):
+
+  1. SDE conversion makes particle methods (SMC, CoDe, SVDD, RBF) beat their Linear-ODE versions
+     (Table 1, Fig. 7).
+  2. VP-SDE beats Linear-SDE for those methods, and its samples from one x_t are more diverse
+     (Table 1 of v5: LPIPS-MPD; here the mean pairwise L2 distance of the decoded x0).
+  3. RBF on VP-SDE is the best method at equal NFE, and keeps improving with NFE where BoN
+     plateaus (Tables 4-5, Figs. 12-13).
+  4. With a differentiable reward (the learned counter), RBF+DPS beats DPS and SVDD+DPS on the given
+     reward and on the held-out exact metric (Table 2).
+
+    python flowscale.py bench --task counting|composition [--reward learned-counter] --methods ...
+        --dynamics ... --nfe 50,100,200,500 --prompts N|FILE --seeds K [--quick] --out DIR
+
+(or `torchrun --nproc_per_node K flowscale.py bench ...`, or `python bench.py ...` directly)
+writes DIR/results.csv (one row per prompt x method x dynamics x NFE x seed), DIR/results.md (the
+tables, laid out like the paper's Table 1 and Tables 4-5, mean +- standard error over prompts and
+seeds, and a verdict per claim) and the figures reward_vs_nfe.png, diversity.png,
+rbf_nfe_per_step.png, grid.png. The given reward is the task's (counting: -RSS, composition: the
+fraction of facts), or the learned counter (claim 4); every row also carries the exact metrics of its
+image (RSS, accuracy = [RSS == 0], composition) as the held-out metrics.
+
+How the work is cut, and why:
+  * The prompts are split into fixed chunks of --batch prompts. A unit of work is one generate call:
+    (method, dynamics, NFE, seed, chunk); the particles of a chunk's prompts share velocity calls.
+    The chunks do not depend on the number of processes, so every row is the same whether the run
+    takes one process or `torchrun --nproc_per_node K` (the search seeds prompt j of a call from
+    its position j in the call: re-sharding prompts would change their noise).
+  * Resumable: rows are appended, flushed and fsync'ed after each call, each call's rows in one
+    write; a unit whose rows are all in results.csv is skipped, a half-written last line (killed
+    process) is dropped on reading.
+  * torchrun (RANK / WORLD_SIZE set): gloo process group, units dealt round-robin, and after every
+    round of K units rank 0 gathers the rows (gather_object) and is the only writer.
+  * Deterministic given --seeds: chunk c of seed s runs generate(seed=SeedSequence([s, c])).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import flowscale as F
+import rewards as R
+import search
+import sde
+import toyworld
+
+# -----------------------------------------------------------------------------------------------
+# 1. Settings and the plan of units
+
+TASKS = {"counting": "counting", "composition": "composition"}  # task -> its given reward (Sec. 7.1-7.2)
+PARTICLE_METHODS = ("smc", "code", "svdd", "rbf")  # claims 1-2
+LINEAR_ODE_ONLY = ("bon", "sop")  # run with the linear ODE only, as in the paper's Table 1
+COLUMNS = ["task", "reward", "steps", "method", "dynamics", "nfe", "seed", "prompt_id", "prompt",
+           "given_reward", "rss", "accuracy", "composition", "nfe_used", "nfe_per_step", "seconds", "image_sha"]
+KEY = ("task", "reward", "steps", "method", "dynamics", "nfe", "seed", "prompt")  # one row per key
+LABEL = {"none": "base", "bon": "BoN", "sop": "SoP", "smc": "SMC", "code": "CoDe", "svdd": "SVDD", "rbf": "RBF",
+         "dps": "DPS", "svdd+dps": "SVDD+DPS", "rbf+dps": "RBF+DPS"}
+ABBR = {"linear-ode": "L.O.", "linear-sde": "L.S.", "vp-sde": "V.S."}
+QUICK = {"prompts": "4", "seeds": 1, "nfe": "50,100", "diversity_samples": 8, "diversity_prompts": 2}
+FULL = {"prompts": "16", "seeds": 1, "nfe": "50,100,200,500", "diversity_samples": 16, "diversity_prompts": 4}
+
+
+@dataclass
+class BenchConfig:
+    task: str  # "counting" | "composition": prompt kind and default given reward
+    reward: str  # given reward, a rewards.REWARD_NAMES name
+    methods: list[str]  # flowscale.METHODS names
+    dynamics: list[str]  # flowscale.DYNAMICS names
+    nfe: list[int]  # budgets per prompt ("none" always uses `steps`)
+    prompts: list[str]  # the prompts, prompt_id = index
+    seeds: int  # seeds 0 .. seeds - 1
+    steps: int  # denoising steps T (paper: 10)
+    batch: int  # prompts per generate call (a chunk)
+    out: Path  # output folder
+    model: str | None  # model folder, None = embedded weights/mini-flux
+    height: int  # image height (real FLUX.1 only)
+    width: int  # image width (real FLUX.1 only)
+    diversity_samples: int  # M samples branched from one x_t
+    diversity_prompts: int  # first prompts used for the diversity measurement
+    diversity_step: int  # grid index of the shared x_t (3 of 10 steps)
+
+
+@dataclass
+class Unit:
+    """One generate call: all prompts of one chunk under one setting."""
+
+    method: str
+    dynamics: str
+    nfe: int
+    seed: int
+    chunk: int  # index of the chunk of --batch prompts
+    prompt_ids: list[int]
+
+    @property
+    def cost(self) -> int:
+        """Its NFE budget over all its prompts (the progress bar counts these)."""
+        return self.nfe * len(self.prompt_ids)
+
+
+def _split(text: str, name: str, known: tuple[str, ...]) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in items if s not in known]
+    if not items or bad:
+        raise ValueError(f"--{name}: unknown {bad or 'empty list'}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(items))
+
+
+def load_prompts(spec: str, task: str, seed: int) -> list[str]:
+    """--prompts: a number N (the first N held-out prompts of the task) or a file, one prompt a line."""
+    if Path(spec).is_file():
+        prompts = [line.strip() for line in Path(spec).read_text().splitlines()]
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+        if not prompts:
+            raise ValueError(f"--prompts: no prompts in {spec}")
+        return list(dict.fromkeys(prompts))
+    if spec.isdigit() and int(spec) >= 1:
+        return toyworld.heldout_prompts(task, int(spec), seed=seed)
+    raise ValueError(f"--prompts takes a number >= 1 or an existing file, got {spec!r}")
+
+
+def config_from_args(args) -> BenchConfig:
+    base = QUICK if args.quick else FULL
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
+    if args.task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
+    reward = args.reward or TASKS[args.task]
+    if reward not in R.REWARD_NAMES:
+        raise ValueError(f"--reward must be one of {', '.join(R.REWARD_NAMES)}, got {reward!r}")
+    default_methods = "none,dps,svdd+dps,rbf+dps" if reward == "learned-counter" else "none,bon,sop,smc,code,svdd,rbf"
+    try:
+        nfe = sorted({int(s) for s in str(pick("nfe")).split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"--nfe takes comma-separated integers, got {pick('nfe')!r}") from None
+    if not nfe or nfe[0] < 1:
+        raise ValueError(f"--nfe needs budgets >= 1, got {pick('nfe')!r}")
+    for name, value in (("seeds", pick("seeds")), ("steps", args.steps), ("batch", args.batch),
+                        ("diversity-samples", pick("diversity_samples")), ("diversity-prompts", pick("diversity_prompts"))):
+        if value < (2 if name in ("steps", "diversity-samples") else 1):
+            raise ValueError(f"--{name} is too small: {value}")
+    return BenchConfig(task=args.task, reward=reward, methods=_split(args.methods or default_methods, "methods", F.METHODS),
+                       dynamics=_split(args.dynamics, "dynamics", F.DYNAMICS), nfe=nfe,
+                       prompts=load_prompts(str(pick("prompts")), args.task, args.prompt_seed), seeds=pick("seeds"),
+                       steps=args.steps, batch=args.batch, out=Path(args.out), model=args.model, height=args.height,
+                       width=args.width, diversity_samples=pick("diversity_samples"),
+                       diversity_prompts=pick("diversity_prompts"), diversity_step=max(1, round(0.3 * args.steps)))
+
+
+def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
+    """All units of the run, cheapest budget first (early tables of every method), and the skipped
+    combinations with the reason."""
+    differentiable = R.get_reward(cfg.reward).differentiable
+    chunks = [list(range(lo, min(lo + cfg.batch, len(cfg.prompts)))) for lo in range(0, len(cfg.prompts), cfg.batch)]
+    units, notes = [], []
+    for method in cfg.methods:
+        for dynamics in cfg.dynamics:
+            if method in LINEAR_ODE_ONLY and dynamics != "linear-ode":
+                notes.append(f"{method} {dynamics}: BoN and SoP are Linear-ODE methods in the paper (Table 1)")
+                continue
+            if method.endswith("dps") and not differentiable:
+                notes.append(f"{method} {dynamics}: gradient guidance needs a differentiable reward "
+                             f"(--reward learned-counter), {cfg.reward!r} is not")
+                continue
+            # the budget floor depends only on the method, its default knobs and num_steps
+            dummy = search.Problem(velocity=lambda x, t, p: x, reward=lambda x, p: x.sum(1), shape=(1,),
+                                   dynamics=dynamics, num_steps=cfg.steps)
+            need = search.min_nfe(method, dummy)
+            budgets = [cfg.steps] if method == "none" else cfg.nfe
+            for nfe in budgets:
+                if nfe < need:
+                    notes.append(f"{method} {dynamics} NFE {nfe}: below its minimum budget of {need} "
+                                 f"(search.min_nfe with {cfg.steps} steps)")
+                    continue
+                units += [Unit(method, dynamics, nfe, seed, c, ids) for seed in range(cfg.seeds)
+                          for c, ids in enumerate(chunks)]
+    if "none" in cfg.methods:
+        notes.append(f"none (the plain sampler) always runs with {cfg.steps} NFE = --steps, whatever --nfe says")
+    order = {m: i for i, m in enumerate(F.METHODS)}
+    units.sort(key=lambda u: (u.nfe, order[u.method], F.DYNAMICS.index(u.dynamics), u.seed, u.chunk))
+    return units, notes
+
+
+def unit_keys(cfg: BenchConfig, unit: Unit) -> list[tuple[str, ...]]:
+    return [(cfg.task, cfg.reward, str(cfg.steps), unit.method, unit.dynamics, str(unit.nfe), str(unit.seed),
+             cfg.prompts[i]) for i in unit.prompt_ids]
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. The results file: whole rows only, read back with repair
+
+
+def row_key(row: dict) -> tuple[str, ...]:
+    return tuple(row[k] for k in KEY)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of results.csv as dicts of strings. A last line without its newline (a process
+    killed mid-write) is cut off the file; a header other than COLUMNS is a ValueError."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text)
+        print(f"bench: dropped a half-written last line of {path}", file=sys.stderr)
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        return []
+    if rows[0] != COLUMNS:
+        raise ValueError(f"{path} has columns {rows[0]}, expected {COLUMNS}: written by another version? "
+                         f"use a new --out")
+    return [dict(zip(COLUMNS, r)) for r in rows[1:] if len(r) == len(COLUMNS)]
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows (with the header if the file is new) in ONE write, then flush and fsync."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if not path.is_file() or path.stat().st_size == 0:
+        writer.writerow(COLUMNS)
+    writer.writerows([[row[c] for c in COLUMNS] for row in rows])
+    with open(path, "a", newline="") as f:
+        f.write(buffer.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. One unit = one generate call
+
+
+@dataclass
+class UnitOutput:
+    unit: Unit
+    rows: list[dict]
+    image: torch.Tensor | None  # (3, H, W) of prompt_id 0, for the grid figure
+
+
+def _num(x: float) -> str:
+    return repr(float(x))
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The generate seed of a chunk: distinct chunks get independent noises (positions repeat)."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
+
+
+def run_unit(pipe: F.Pipeline, cfg: BenchConfig, unit: Unit) -> UnitOutput:
+    prompts = [cfg.prompts[i] for i in unit.prompt_ids]
+    gen = F.generate(pipe, prompts, method=unit.method, dynamics=unit.dynamics, nfe=unit.nfe, num_steps=cfg.steps,
+                     reward=cfg.reward, seed=chunk_seed(unit.seed, unit.chunk))
+    rows = []
+    for j, (key, i) in enumerate(zip(unit_keys(cfg, unit), unit.prompt_ids)):
+        metrics = gen.metrics[j] if gen.metrics else {}
+        image8 = (gen.images[j] * 255).round().to(torch.uint8)  # (3, H, W): the image as a PNG stores it
+        rows.append(dict(zip(KEY, key)) | {
+            "prompt_id": str(i), "given_reward": _num(gen.reward[j]),
+            "rss": _num(metrics["rss"]) if metrics else "", "accuracy": _num(metrics["accuracy"]) if metrics else "",
+            "composition": _num(metrics["composition"]) if metrics else "", "nfe_used": str(gen.nfe_used[j]),
+            "nfe_per_step": "|".join(str(int(s.nfe[j])) for s in gen.result.trace),
+            "seconds": f"{gen.seconds / len(prompts):.3f}",
+            "image_sha": hashlib.sha1(image8.numpy().tobytes()).hexdigest()[:12]})
+    image = gen.images[unit.prompt_ids.index(0)] if 0 in unit.prompt_ids else None
+    return UnitOutput(unit, rows, image)
+
+
+def image_path(cfg: BenchConfig, method: str, dynamics: str, nfe: int, seed: int) -> Path:
+    return cfg.out / "images" / f"{method}_{dynamics}_nfe{nfe}_seed{seed}.png"
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Processes: one, or K under torchrun
+
+
+@dataclass
+class Dist:
+    rank: int  # this process
+    world: int  # number of processes (1 without torchrun)
+
+
+def init_dist() -> Dist:
+    """A gloo process group when launched by torchrun with more than one process, else nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(0, 1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))  # a round can be one long unit
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def gather(d: Dist, obj) -> list:
+    """The objects of all ranks, on rank 0 (others get [])."""
+    if d.world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * d.world if d.rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def execute(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], done: set, d: Dist) -> int:
+    """Run the pending units, K at a time (one per rank); rank 0 appends each round's rows."""
+    csv_path, ran = cfg.out / "results.csv", 0
+    bar = tqdm(total=sum(u.cost for u in pending), unit="NFE", desc="bench", dynamic_ncols=True,
+               disable=d.rank != 0, file=sys.stderr)
+    for lo in range(0, len(pending), d.world):
+        mine = pending[lo + d.rank] if lo + d.rank < len(pending) else None
+        if mine is not None:
+            bar.set_postfix_str(f"{mine.method} {mine.dynamics} NFE {mine.nfe} seed {mine.seed} chunk {mine.chunk}")
+        output = run_unit(pipe, cfg, mine) if mine is not None else None
+        ran += mine is not None
+        for out in gather(d, output):
+            if out is None:
+                continue
+            new = [r for r in out.rows if row_key(r) not in done]
+            append_rows(csv_path, new)
+            done.update(row_key(r) for r in new)
+            if out.image is not None:
+                u = out.unit
+                F.save_png(out.image, image_path(cfg, u.method, u.dynamics, u.nfe, u.seed), scale=1)
+        bar.update(sum(u.cost for u in pending[lo:lo + d.world]))
+    bar.close()
+    return ran
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Diversity of samples from one x_t (claim 2; the paper's LPIPS-MPD in Table 1 of v5)
+
+
+@torch.no_grad()
+def diversity(pipe: F.Pipeline, prompts: list[str], *, steps: int, branch_step: int, samples: int,
+              seed: int = 0) -> dict[str, list[float]]:
+    """Mean pairwise L2 distance of `samples` decoded x0 branched from one x_t, per prompt and dynamics.
+
+    Per prompt, one trajectory starts from a seeded noise and follows the path's ODE (deterministic,
+    so the branch point is one x_t) for `branch_step` steps of the exp grid; from there `samples`
+    copies continue with the SDE of the dynamics (g = 3 t^2 on the sampled path, Eq. 9 / 12) to
+    x0_hat at t_{T-1}, as the searches return it. Both dynamics branch at the same grid index, as a
+    search's proposals do; at that index the VP path is at a much lower SNR (index 3 of 10: VP time
+    0.954 is linear time 0.990, notes/paper.md 2.4), which is the paper's explanation of the diversity
+    (Sec. 5), so the two x_t are not the same point: each is its own path's state at step i."""
+    cond = F.encode_prompts(pipe, prompts)
+    model_velocity = F.make_velocity(pipe, cond)
+    P, M = len(prompts), samples
+    eps = torch.randn((P, *pipe.latent_shape), generator=torch.Generator().manual_seed(seed))  # (P, C, H, W)
+    result = {}
+    for dynamics in ("linear-sde", "vp-sde"):
+        problem = search.Problem(velocity=model_velocity, reward=lambda x, p: x.flatten(1).sum(1),
+                                 shape=pipe.latent_shape, dynamics=dynamics, num_steps=steps)
+        ts = sde.time_grid(steps, problem.time_grid).float()
+
+        def velocity(x, t, prompt):  # the sampled path's velocity (Eq. 11 for VP), 16 latents a call
+            out = []
+            for lo in range(0, len(x), 16):
+                p = prompt[lo:lo + 16]
+                model = lambda x_, t_: model_velocity(x_, t_, p)  # noqa: E731
+                if dynamics == "vp-sde":
+                    model = sde.convert_velocity(model, sde.LinearInterpolant(), problem.path)
+                out.append(model(x[lo:lo + 16], t[lo:lo + 16]))
+            return torch.cat(out)
+
+        x, ids = eps.clone(), torch.arange(P)
+        for i in range(branch_step):
+            t = ts[i].expand(P)
+            x = sde.euler_step(x, velocity(x, t, ids), t, ts[i + 1])
+        x, ids = x.repeat_interleave(M, 0), ids.repeat_interleave(M)  # (P M, C, H, W): M copies of each x_t
+        noise = torch.Generator().manual_seed(seed + 1)
+        for i in range(branch_step, steps):
+            t = ts[i].expand(P * M)
+            u_t = velocity(x, t, ids)
+            if i == steps - 1:
+                x0_hat = sde.x0_hat_from_velocity(u_t, x, problem.path(t))
+            else:
+                x = sde.euler_maruyama_step(x, u_t, t, ts[i + 1], problem.path, problem.g, generator=noise)
+        images = F.decode(pipe, x0_hat).reshape(P, M, -1)  # (P, M, 3 H W)
+        result[dynamics] = [float(torch.pdist(images[p].double()).mean()) for p in range(P)]
+    return result
+
+
+def cached_diversity(cfg: BenchConfig, get_pipe) -> dict:
+    """diversity(), stored in DIR/diversity.json and reused while its settings are unchanged."""
+    settings = {"model": model_name(cfg), "prompts": cfg.prompts[:cfg.diversity_prompts], "steps": cfg.steps,
+                "branch_step": cfg.diversity_step, "samples": cfg.diversity_samples, "seed": 0}
+    path = cfg.out / "diversity.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["settings"] == settings:
+            return saved
+    saved = {"settings": settings, "distances": diversity(get_pipe(), settings["prompts"], steps=cfg.steps,
+                                                          branch_step=cfg.diversity_step, samples=cfg.diversity_samples)}
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+    return saved
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. Statistics, tables and the claims
+
+
+@dataclass
+class Stat:
+    mean: float
+    se: float  # standard error of the mean, std (ddof 1) / sqrt(n); nan for n = 1
+    n: int
+
+    def __str__(self) -> str:
+        return "–" if math.isnan(self.mean) else f"{self.mean:.3f} ± {'–' if math.isnan(self.se) else f'{self.se:.3f}'}"
+
+
+def mean_se(values: list[float]) -> Stat:
+    v = np.array([x for x in values if not math.isnan(x)], dtype=np.float64)
+    if len(v) == 0:
+        return Stat(math.nan, math.nan, 0)
+    return Stat(float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan, len(v))
+
+
+METRICS = ("given_reward", "rss", "accuracy", "composition", "nfe_used", "seconds")
+
+
+@dataclass
+class Summary:
+    """Mean and standard error of every metric of one (method, dynamics, NFE) over prompts and seeds."""
+
+    stats: dict[str, Stat]
+    nfe_per_step: list[list[int]] = field(default_factory=list)  # one list per row
+
+
+def summarize(rows: list[dict]) -> dict[tuple[str, str, int], Summary]:
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["dynamics"], int(r["nfe"])), []).append(r)
+    return {k: Summary({m: mean_se([float(r[m]) if r[m] else math.nan for r in g]) for m in METRICS},
+                       [[int(s) for s in r["nfe_per_step"].split("|")] for r in g]) for k, g in groups.items()}
+
+
+def reward_label(cfg: BenchConfig) -> str:
+    return {"counting": "−RSS (counting)", "composition": "composition score",
+            "learned-counter": "learned counter"}[cfg.reward]
+
+
+def _percent(value: Stat, base: Stat | None) -> str:
+    if base is None or math.isnan(base.mean) or base.mean == 0 or math.isnan(value.mean):
+        return ""
+    return f" ({100 * (value.mean - base.mean) / abs(base.mean):+.1f}%)"
+
+
+def _diff(a: Stat, b: Stat) -> str:
+    """'a - b = d ± se' with a verdict; se of the difference treats a and b as independent (conservative
+    for the paired prompts and seeds here)."""
+    d, se = a.mean - b.mean, math.sqrt((0 if math.isnan(a.se) else a.se**2) + (0 if math.isnan(b.se) else b.se**2))
+    verdict = "yes" if d > 0 else "no" if d < 0 else "tie"
+    noise = " (more than 2 se)" if se > 0 and abs(d) > 2 * se else " (within 2 se)" if se > 0 else ""
+    return f"{verdict}: {d:+.3f} ± {se:.3f}{noise}"
+
+
+def _negated(a: Stat) -> Stat:
+    return Stat(-a.mean, a.se, a.n)
+
+
+def table1(cfg: BenchConfig, s: dict, nfe: int, methods: list[str]) -> list[str]:
+    """Like the paper's Table 1: metrics as rows, method x dynamics as columns, % vs the same method's L.O."""
+    cols = [(m, d, cfg.steps if m == "none" else nfe) for m in methods for d in cfg.dynamics
+            if (m, d, cfg.steps if m == "none" else nfe) in s]
+    if not cols:
+        return []
+    lines = ["| metric | " + " | ".join(f"{LABEL[m]} {ABBR[d]}" for m, d, _ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for metric, name in (("given_reward", f"{reward_label(cfg)} †"), ("rss", "RSS ↓"), ("accuracy", "accuracy ↑"),
+                         ("composition", "composition ↑")):
+        cells = []
+        for m, d, n in cols:
+            base = s.get((m, "linear-ode", n)) if d != "linear-ode" else None
+            cells.append(f"{s[m, d, n].stats[metric]}{_percent(s[m, d, n].stats[metric], base and base.stats[metric])}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def table45(cfg: BenchConfig, s: dict) -> list[str]:
+    """Like the paper's Tables 4-5: one line per method, dynamics and NFE."""
+    lines = [f"| method | dynamics | NFE | {reward_label(cfg)} † | RSS ↓ | accuracy ↑ | composition ↑ | NFE used | "
+             f"s / prompt | n |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (m, d, n), v in sorted(s.items(), key=lambda kv: (F.METHODS.index(kv[0][0]), F.DYNAMICS.index(kv[0][1]), kv[0][2])):
+        st = v.stats
+        lines.append(f"| {LABEL[m]} | {d} | {n} | {st['given_reward']} | {st['rss']} | {st['accuracy']} | "
+                     f"{st['composition']} | {st['nfe_used'].mean:.1f} | {st['seconds'].mean:.2f} | {st['given_reward'].n} |")
+    return lines
+
+
+def claims(cfg: BenchConfig, s: dict, div: dict) -> list[str]:
+    """One verdict per claim of the issue, from the measured means (n/a where a run is missing)."""
+    g = lambda m, d, n: s[m, d, n].stats["given_reward"] if (m, d, n) in s else None  # noqa: E731
+    top, out = max(cfg.nfe), []
+    out.append(f"1. SDE conversion beats the same method's Linear-ODE (given reward, NFE {top}):")
+    out += [f"   - {LABEL[m]} {ABBR[d]} vs L.O.: {_diff(g(m, d, top), g(m, 'linear-ode', top))}"
+            for m in PARTICLE_METHODS for d in ("linear-sde", "vp-sde") if g(m, d, top) and g(m, "linear-ode", top)]
+    out.append(f"2. VP-SDE beats Linear-SDE (given reward, NFE {top}), and is more diverse from one x_t:")
+    out += [f"   - {LABEL[m]} V.S. vs L.S.: {_diff(g(m, 'vp-sde', top), g(m, 'linear-sde', top))}"
+            for m in PARTICLE_METHODS if g(m, "vp-sde", top) and g(m, "linear-sde", top)]
+    dist = {k: mean_se(v) for k, v in div.get("distances", {}).items()}
+    if len(dist) == 2:
+        out.append(f"   - diversity V.S. vs L.S. (mean pairwise L2): {_diff(dist['vp-sde'], dist['linear-sde'])}")
+    out.append("3. RBF on VP-SDE is the best method at equal NFE, and keeps improving where BoN plateaus:")
+    for n in cfg.nfe:
+        rivals = {(m, d): g(m, d, n) for m in cfg.methods for d in cfg.dynamics
+                  if m not in ("none", "rbf+dps") and (m, d) != ("rbf", "vp-sde") and g(m, d, n)}
+        if g("rbf", "vp-sde", n) and rivals:
+            (m, d), best = max(rivals.items(), key=lambda kv: kv[1].mean)
+            out.append(f"   - NFE {n}: RBF V.S. vs the best other ({LABEL[m]} {ABBR[d]}): {_diff(g('rbf', 'vp-sde', n), best)}")
+    for m, d in (("rbf", "vp-sde"), ("bon", "linear-ode")):
+        curve = [(n, g(m, d, n)) for n in cfg.nfe if g(m, d, n)]
+        if len(curve) >= 2:
+            out.append(f"   - {LABEL[m]} {ABBR[d]} from NFE {curve[-2][0]} to {curve[-1][0]}: improves? "
+                       f"{_diff(curve[-1][1], curve[-2][1])}; curve " + ", ".join(f"{n}: {v.mean:.3f}" for n, v in curve))
+    guided = [d for d in cfg.dynamics if all(("rbf+dps", d, top) in s and (m, d, top) in s for m in ("dps", "svdd+dps"))]
+    if guided:
+        d = "vp-sde" if "vp-sde" in guided else guided[0]
+        out.append(f"4. RBF+DPS beats DPS and SVDD+DPS ({ABBR[d]}, NFE {top}), on the given and the held-out exact metrics:")
+        held = lambda m, metric: s[m, d, top].stats[metric] if metric != "rss" else _negated(s[m, d, top].stats["rss"])  # noqa: E731
+        for metric, name in (("given_reward", "given reward"), ("accuracy", "held-out accuracy"), ("rss", "held-out −RSS")):
+            for m in ("dps", "svdd+dps"):
+                out.append(f"   - {name}, RBF+DPS vs {LABEL[m]}: {_diff(held('rbf+dps', metric), held(m, metric))}")
+    else:
+        out.append("4. RBF+DPS vs DPS and SVDD+DPS: n/a (run with --reward learned-counter "
+                   "--methods dps,svdd+dps,rbf+dps)")
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Figures and the report
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_reward_vs_nfe(cfg: BenchConfig, s: dict, path: Path) -> None:
+    plt = _plt()
+    panels = [("given_reward", f"{reward_label(cfg)} † (given)"), ("accuracy", "counting accuracy (RSS = 0)"),
+              ("composition", "composition score")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colours = {m: plt.cm.tab10(i) for i, m in enumerate(F.METHODS)}
+    styles = {"linear-ode": ":", "linear-sde": "--", "vp-sde": "-"}
+    for ax, (metric, title) in zip(axes, panels):
+        for m in cfg.methods:
+            for d in cfg.dynamics:
+                pts = sorted((n, v.stats[metric]) for (m_, d_, n), v in s.items() if (m_, d_) == (m, d))
+                if m == "none" and pts:
+                    ax.axhline(pts[0][1].mean, color="grey", ls=styles[d], lw=1, label=f"base {ABBR[d]} ({cfg.steps} NFE)")
+                elif pts:
+                    ax.errorbar([n for n, _ in pts], [v.mean for _, v in pts], yerr=[0 if math.isnan(v.se) else v.se for _, v in pts],
+                                color=colours[m], ls=styles[d], marker="o", ms=3, capsize=2, label=f"{LABEL[m]} {ABBR[d]}")
+        ax.set_xscale("log")
+        ax.set_xticks(cfg.nfe, [str(n) for n in cfg.nfe])
+        ax.minorticks_off()
+        ax.set_xlabel("NFE per prompt (log scale)")
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("mean ± se over prompts and seeds")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle(f"reward vs NFE, task {cfg.task}, {len(cfg.prompts)} prompts x {cfg.seeds} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_diversity(div: dict, path: Path) -> None:
+    plt = _plt()
+    names = list(div["distances"])
+    stats = [mean_se(div["distances"][k]) for k in names]
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.bar([ABBR[k] for k in names], [v.mean for v in stats], yerr=[0 if math.isnan(v.se) else v.se for v in stats],
+           color=["tab:orange", "tab:blue"], capsize=4)
+    st = div["settings"]
+    ax.set_ylabel("mean pairwise L2 of decoded x0")
+    ax.set_title(f"diversity from one x_t (step {st['branch_step']} of {st['steps']}, {st['samples']} samples)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_rbf_steps(cfg: BenchConfig, s: dict, path: Path) -> bool:
+    """Mean NFE per grid index of RBF at the largest budget (the paper's Fig. 9 motivation). False if no RBF ran."""
+    runs = {(m, d): s[m, d, max(cfg.nfe)] for m in ("rbf", "rbf+dps") for d in cfg.dynamics if (m, d, max(cfg.nfe)) in s}
+    if not runs:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(runs)
+    for j, ((m, d), v) in enumerate(runs.items()):
+        per_step = np.array(v.nfe_per_step, dtype=float)  # (rows, T)
+        x = np.arange(per_step.shape[1]) + (j - (len(runs) - 1) / 2) * width
+        ax.bar(x, per_step.mean(0), width, yerr=per_step.std(0), capsize=2, label=f"{LABEL[m]} {ABBR[d]}")
+    uniform = (max(cfg.nfe) - per_step[:, 0].mean()) / (cfg.steps - 1)
+    ax.axhline(uniform, color="k", ls="--", lw=1, label="uniform allocation")
+    ax.set_xlabel("grid index i of the candidates (0 = initial noises)")
+    ax.set_ylabel("NFE spent (mean ± std)")
+    ax.set_title(f"RBF: NFE per denoising step at {max(cfg.nfe)} NFE per prompt", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_grid(cfg: BenchConfig, rows: list[dict], path: Path) -> None:
+    """Prompt 0 under every method (columns) and dynamics (rows), largest budget, first seed."""
+    plt = _plt()
+    reward_of = {(r["method"], r["dynamics"]): float(r["given_reward"]) for r in rows
+                 if r["prompt_id"] == "0" and r["seed"] == "0"
+                 and int(r["nfe"]) == (cfg.steps if r["method"] == "none" else max(cfg.nfe))}
+    images, captions = [], []
+    for d in cfg.dynamics:
+        images.append([]), captions.append([])
+        for m in cfg.methods:
+            file = image_path(cfg, m, d, cfg.steps if m == "none" else max(cfg.nfe), 0)
+            if (m, d) in reward_of and file.is_file():
+                images[-1].append(torch.from_numpy(plt.imread(file)[:, :, :3].copy()).permute(2, 0, 1))  # (3, H, W)
+                captions[-1].append(f"reward {reward_of[m, d]:.2f}")
+            else:
+                images[-1].append(torch.full((3, 8, 8), 0.85))
+                captions[-1].append("not run")
+    F.save_grid(cfg.dynamics, [LABEL[m] for m in cfg.methods], images, captions, path,
+                title=f"\"{cfg.prompts[0]}\" at {max(cfg.nfe)} NFE (base: {cfg.steps})")
+
+
+def model_name(cfg: BenchConfig) -> str:
+    return str(Path(cfg.model).resolve() if cfg.model else F.DEFAULT_MODEL)
+
+
+def write_report(cfg: BenchConfig, rows: list[dict], notes: list[str], div: dict) -> None:
+    s = summarize(rows)
+    top = max(cfg.nfe)
+    plot_reward_vs_nfe(cfg, s, cfg.out / "reward_vs_nfe.png")
+    plot_diversity(div, cfg.out / "diversity.png")
+    has_rbf = plot_rbf_steps(cfg, s, cfg.out / "rbf_nfe_per_step.png")
+    plot_grid(cfg, rows, cfg.out / "grid.png")
+    md = [f"# flowscale bench: task {cfg.task}, given reward {cfg.reward}", "",
+          f"Model `{model_name(cfg)}`, {len(cfg.prompts)} prompts x {cfg.seeds} seeds, {cfg.steps} steps, "
+          f"NFE {', '.join(map(str, cfg.nfe))}. Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`.",
+          "Cells: mean ± standard error over prompts and seeds; † = the reward the search maximises; RSS, accuracy "
+          "(RSS = 0) and composition come from the exact shape-world detector, held out unless they are the given "
+          "reward. % = change vs the same method's Linear-ODE (L.O.); L.S. = Linear-SDE, V.S. = VP-SDE.", "",
+          f"## Table 1 layout: every method at {top} NFE (base = the plain sampler, {cfg.steps} NFE)", "",
+          *table1(cfg, s, top, [m for m in cfg.methods if m not in PARTICLE_METHODS]), "",
+          *table1(cfg, s, top, [m for m in cfg.methods if m in PARTICLE_METHODS]), "",
+          "## Tables 4-5 layout: every budget", "", *table45(cfg, s), "",
+          "## Diversity from one x_t (claim 2)", "",
+          f"Per prompt (the first {len(div['settings']['prompts'])}) and dynamics, one ODE trajectory of that "
+          f"path to grid index {div['settings']['branch_step']} of {cfg.steps}, then {div['settings']['samples']} "
+          f"SDE samples from there; mean pairwise L2 distance of their decoded x0 (images in [0, 1], "
+          f"mean ± se over prompts). The paper measures LPIPS-MPD (v5 Table 1).", "",
+          "| dynamics | mean pairwise L2 |", "|---|---|",
+          *[f"| {d} | {mean_se(v)} |" for d, v in div["distances"].items()], ""]
+    if has_rbf:
+        md += ["## RBF: NFE spent per grid index (mean over prompts and seeds)", "",
+               "| method | dynamics | NFE | per grid index 0, 1, ... |", "|---|---|---|---|"]
+        md += [f"| {LABEL[m]} | {d} | {n} | " + ", ".join(f"{x:.1f}" for x in np.mean(v.nfe_per_step, 0)) + " |"
+               for (m, d, n), v in sorted(s.items()) if m in ("rbf", "rbf+dps")] + [""]
+    md += ["## Claims", "", "'yes' when the mean difference has the claimed sign; se of a difference treats the two "
+           "runs as independent.", "", *claims(cfg, s, div), "", "## Skipped", "", *[f"- {n}" for n in notes], "",
+           "## Figures", "", "![reward vs NFE](reward_vs_nfe.png)", "", "![diversity](diversity.png)", ""]
+    md += ["![RBF NFE per step](rbf_nfe_per_step.png)", ""] if has_rbf else []
+    md += ["![one prompt across methods](grid.png)", ""]
+    (cfg.out / "results.md").write_text("\n".join(md))
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python flowscale.py bench` (defaults in brackets: full run / --quick)."""
+    parser.add_argument("--task", default="counting", help="counting | composition: prompt kind and given reward")
+    parser.add_argument("--reward", default=None, help="given reward: the task's, or learned-counter (claim 4)")
+    parser.add_argument("--methods", default=None, help="comma list of " + ", ".join(F.METHODS) +
+                        " [none,bon,sop,smc,code,svdd,rbf; learned-counter: none,dps,svdd+dps,rbf+dps]")
+    parser.add_argument("--dynamics", default=",".join(F.DYNAMICS), help="comma list of " + ", ".join(F.DYNAMICS))
+    parser.add_argument("--nfe", default=None, help="comma list of NFE budgets per prompt [50,100,200,500 / 50,100]")
+    parser.add_argument("--prompts", default=None, help="N held-out prompts of the task, or a file [16 / 4]")
+    parser.add_argument("--prompt-seed", type=int, default=0, help="which N held-out prompts")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..K-1 per prompt [1 / 1]")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps")
+    parser.add_argument("--batch", type=int, default=16, help="prompts per generate call (fixed chunks)")
+    parser.add_argument("--diversity-samples", type=int, default=None, help="samples from one x_t [16 / 8]")
+    parser.add_argument("--diversity-prompts", type=int, default=None, help="prompts for diversity [4 / 2]")
+    parser.add_argument("--quick", action="store_true", help="a small setting that runs in a few minutes")
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded weights/mini-flux)")
+    parser.add_argument("--height", type=int, default=1024, help="image height (real FLUX.1 only)")
+    parser.add_argument("--width", type=int, default=1024, help="image width (real FLUX.1 only)")
+    parser.add_argument("--out", default="out/bench", help="output folder; an existing one is resumed")
+
+
+def pending_units(cfg: BenchConfig, units: list[Unit]) -> list[Unit]:
+    """The units with a row missing from DIR/results.csv (ValueError if DIR belongs to another model)."""
+    meta = cfg.out / "bench.json"
+    if meta.is_file() and json.loads(meta.read_text())["model"] != model_name(cfg):
+        raise ValueError(f"{cfg.out} holds results of the model {json.loads(meta.read_text())['model']}; "
+                         f"use another --out for {model_name(cfg)}")
+    (cfg.out / "images").mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps({"model": model_name(cfg)}) + "\n")
+    done = {row_key(r) for r in read_rows(cfg.out / "results.csv")}
+    return [u for u in units if not all(k in done for k in unit_keys(cfg, u))]
+
+
+def run(args) -> None:
+    """Plan, resume, run the pending units (sharded under torchrun), then rank 0 writes the report."""
+    cfg = config_from_args(args)
+    d = init_dist()
+    units, notes = plan(cfg)
+    pending, error = [], None
+    if d.rank == 0:  # the only reader and writer of DIR; the other ranks get its plan
+        try:
+            pending = pending_units(cfg, units)
+        except ValueError as e:
+            error = str(e)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        box = [(pending, error)]
+        dist.broadcast_object_list(box, src=0)
+        pending, error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    if d.rank == 0:
+        print(f"bench: {len(units)} units planned, {len(units) - len(pending)} already in {cfg.out / 'results.csv'}, "
+              f"{len(pending)} to run on {d.world} process(es)", file=sys.stderr)
+    pipe = None
+
+    def get_pipe():
+        nonlocal pipe
+        if pipe is None:
+            pipe = F.load_pipeline(cfg.model, height=cfg.height, width=cfg.width)
+            F.check_prompts(pipe, cfg.prompts)  # every rank fails alike on a bad prompt, before any gather
+        return pipe
+
+    done = {row_key(r) for r in read_rows(cfg.out / "results.csv")} if d.rank == 0 else set()
+    ran = execute(cfg, get_pipe(), pending, done, d) if pending else 0
+    print(f"bench: rank {d.rank}/{d.world} ran {ran} units", file=sys.stderr)
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if d.rank != 0:
+        return
+    planned = {k for u in units for k in unit_keys(cfg, u)}
+    rows = [r for r in read_rows(cfg.out / "results.csv") if row_key(r) in planned]
+    write_report(cfg, rows, notes, cached_diversity(cfg, get_pipe))
+    print(f"bench: wrote {cfg.out / 'results.md'} ({len(rows)} rows)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    try:
+        run(parser.parse_args())
+    except ValueError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        sys.exit(2)

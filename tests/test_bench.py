@@ -1,0 +1,293 @@
+"""Tests of bench.py (GitHub issue 5): outputs, resume, torchrun, and the claim-4 path.
+
+Everything runs on a tiny RANDOM model in the embedded layout (built once per module): the tables'
+numbers mean nothing, the tests check structure, bookkeeping and determinism. Its final layer's
+bias is set to 4, so every decoded image is almost black: the exact detector then costs ~0.2 ms per
+image instead of ~60 ms on a random model's noise images, which keeps this file well under a minute.
+"""
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+import flowscale  # noqa: E402
+import model as M  # noqa: E402
+import rewards  # noqa: E402
+import toyworld  # noqa: E402
+import train  # noqa: E402
+
+DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random mini-FLUX folder with the files and flowscale.json that train.py writes."""
+    folder = tmp_path_factory.mktemp("tiny-flux")
+    corpus = toyworld.train_prompts()
+    M.train_clip_bpe(corpus, 400, folder / "tokenizer")
+    M.train_t5_sentencepiece(corpus, 64, folder / "tokenizer_2")
+    clip_vocab = M.load_clip_tokenizer(folder).vocab_size
+    t5_vocab = M.load_t5_tokenizer(folder, max_length=24).vocab_size
+    torch.manual_seed(0)
+    flux = M.Flux(replace(train.MINI_FLUX, hidden_size=32, num_heads=2, depth=1, depth_single_blocks=1,
+                          axes_dim=[4, 6, 6], vec_in_dim=16, context_in_dim=16))  # in_channels 48: 32x32 RGB, PixelLatent(2)
+    torch.nn.init.constant_(flux.final_layer.linear.bias, 4.0)  # near-black images (see the module docstring)
+    M.save_flux(flux, folder / "transformer")
+    M.save_t5(M.T5Encoder(replace(train.MINI_T5, vocab_size=t5_vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                  num_heads=2)), folder / "text_encoder_2")
+    M.save_clip_text(M.CLIPText(replace(train.MINI_CLIP, vocab_size=clip_vocab, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2)), folder / "text_encoder")
+    meta = {"pixel_space": True, "latent_factor": 2, "height": 32, "width": 32, "channels": 3, "t5_max_length": 24,
+            "world": "shapes"}
+    (folder / "flowscale.json").write_text(json.dumps(meta))
+    return folder
+
+
+def args(*argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def without_time(rows: list[dict]) -> list[tuple]:
+    """Rows as sorted tuples, minus the wall-clock column (the only one that may differ between runs)."""
+    return sorted(tuple(v for k, v in r.items() if k != "seconds") for r in rows)
+
+
+@pytest.fixture(scope="module")
+def quick(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quick")
+    bench.run(args("--quick", "--model", tiny_model, "--out", out))
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# The --quick run: rows, columns, report, figures
+
+
+def test_quick_run_has_one_row_per_prompt_method_dynamics_nfe_seed(quick):
+    columns, rows = read_csv(quick / "results.csv")
+    assert columns == bench.COLUMNS
+    prompts = toyworld.heldout_prompts("counting", 4, seed=0)
+    # --quick: 4 prompts, 1 seed, NFE 50 and 100; bon / sop only with the linear ODE; none at 10 NFE
+    settings = [("none", d, 10) for d in DYNAMICS] + [(m, "linear-ode", n) for m in ("bon", "sop") for n in (50, 100)]
+    settings += [(m, d, n) for m in ("smc", "code", "svdd", "rbf") for d in DYNAMICS for n in (50, 100)]
+    expected = {(m, d, str(n), "0", p) for m, d, n in settings for p in prompts}
+    keys = [(r["method"], r["dynamics"], r["nfe"], r["seed"], r["prompt"]) for r in rows]
+    assert len(keys) == len(set(keys)) == len(expected) == 124
+    assert set(keys) == expected
+
+
+def test_quick_rows_are_consistent(quick):
+    _, rows = read_csv(quick / "results.csv")
+    for r in rows:
+        per_step = [int(x) for x in r["nfe_per_step"].split("|")]
+        assert sum(per_step) == int(r["nfe_used"]) <= int(r["nfe"]), r
+        # the given counting reward is -RSS of the returned image, and the held-out metrics are of the same image
+        assert float(r["given_reward"]) == -float(r["rss"]), r
+        assert float(r["accuracy"]) == float(float(r["rss"]) == 0), r
+        assert 0 <= float(r["composition"]) <= 1 and len(r["image_sha"]) == 12
+        if r["method"] in ("bon", "smc", "rbf"):  # these spend their whole budget
+            assert int(r["nfe_used"]) == int(r["nfe"]), r
+        if r["method"] == "rbf":
+            assert len(per_step) == 10, r  # one trace entry per grid index
+
+
+def test_quick_report_has_the_tables_and_the_figures(quick):
+    md = (quick / "results.md").read_text()
+    for heading in ("## Table 1 layout", "## Tables 4-5 layout", "## Diversity from one x_t", "## RBF: NFE spent",
+                    "## Claims", "## Skipped"):
+        assert heading in md
+    assert md.count("| metric |") == 2  # Table 1 in two parts: base / BoN / SoP, then the particle methods
+    for label in ("base L.O.", "BoN L.O.", "SoP L.O.", "SMC V.S.", "CoDe L.S.", "SVDD V.S.", "RBF V.S."):
+        assert label in md
+    assert "BoN L.S." not in md and "bon vp-sde: BoN and SoP are Linear-ODE methods" in md
+    sections = {part.split("\n", 1)[0]: part for part in md.split("\n## ")}
+    table45 = [line for line in sections["Tables 4-5 layout: every budget"].splitlines() if line.startswith("| RBF | vp-sde |")]
+    assert len(table45) == 2 and all(line.count(" ± ") == 4 for line in table45)  # given, RSS, accuracy, composition
+    diversity = sections["Diversity from one x_t (claim 2)"]
+    assert "| linear-sde | " in diversity and "| vp-sde | " in diversity
+    per_step = [line for line in sections["RBF: NFE spent per grid index (mean over prompts and seeds)"].splitlines()
+                if line.startswith("| RBF |")]
+    assert len(per_step) == 6 and all(len(line.split("|")[4].split(",")) == 10 for line in per_step)  # 3 dynamics x 2 NFE
+    for claim in ("1. SDE conversion", "2. VP-SDE", "3. RBF on VP-SDE", "4. RBF+DPS"):
+        assert claim in md
+    for name in ("reward_vs_nfe", "diversity", "rbf_nfe_per_step", "grid"):
+        png = quick / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"({name}.png)" in md
+    div = json.loads((quick / "diversity.json").read_text())
+    assert set(div["distances"]) == {"linear-sde", "vp-sde"}
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in div["distances"].values())  # 2 prompts, distinct samples
+
+
+# -----------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_a_finished_run_adds_nothing(quick, tiny_model, monkeypatch):
+    before = (quick / "results.csv").read_bytes()
+
+    def fail(*a, **k):
+        raise AssertionError("a finished run must not load the model or generate")
+
+    monkeypatch.setattr(flowscale, "generate", fail)
+    monkeypatch.setattr(flowscale, "load_pipeline", fail)
+    bench.run(args("--quick", "--model", tiny_model, "--out", quick))
+    assert (quick / "results.csv").read_bytes() == before
+
+
+def test_an_interrupted_run_is_completed(quick, tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(quick, out)
+    lines = (out / "results.csv").read_text().splitlines(keepends=True)
+    dropped = lines[-6:]
+    # killed mid-write: the last 5 rows are gone and the 6th-last is cut in half (no newline)
+    (out / "results.csv").write_text("".join(lines[:-6]) + dropped[0][: len(dropped[0]) // 2])
+    calls = []
+    real = flowscale.generate
+
+    def counted(*a, **k):
+        calls.append(k["method"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(flowscale, "generate", counted)
+    bench.run(args("--quick", "--model", tiny_model, "--out", out))
+    units = {tuple(row[3:7]) for row in csv.reader(dropped)}  # (method, dynamics, nfe, seed): one chunk each
+    assert len(calls) == len(units) >= 1
+    text = (out / "results.csv").read_text()
+    assert text.endswith("\n")
+    assert without_time(read_csv(out / "results.csv")[1]) == without_time(read_csv(quick / "results.csv")[1])
+
+
+# -----------------------------------------------------------------------------------------------
+# torchrun: two processes give the rows of one
+
+
+def test_torchrun_with_two_processes_gives_the_rows_of_one(quick, tiny_model, tmp_path):
+    out = tmp_path / "dist"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "bench.py"), "--quick", "--model", str(tiny_model), "--methods", "none,svdd,rbf",
+           "--dynamics", "linear-ode,vp-sde", "--nfe", "50", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 6 units (none, svdd, rbf x 2 dynamics, one chunk of 4 prompts) dealt to 2 ranks, 3 each
+    assert "rank 0/2 ran 3 units" in proc.stderr and "rank 1/2 ran 3 units" in proc.stderr, proc.stderr[-3000:]
+    _, rows = read_csv(out / "results.csv")
+    assert len(rows) == 6 * 4
+    keys = {bench.row_key(r) for r in rows}
+    same_in_one = [r for r in read_csv(quick / "results.csv")[1] if bench.row_key(r) in keys]
+    assert without_time(rows) == without_time(same_in_one)
+    quick_div = json.loads((quick / "diversity.json").read_text())
+    assert json.loads((out / "diversity.json").read_text()) == quick_div  # same settings, same numbers
+
+
+# -----------------------------------------------------------------------------------------------
+# Claim 4: gradient guidance with a differentiable reward
+
+
+def test_learned_counter_runs_the_guided_methods(tiny_model, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    counter = rewards.LearnedCounter(rewards.CounterConfig()).eval()  # random: stands in for weights/counter
+    real = rewards.get_reward
+    monkeypatch.setattr(rewards, "get_reward", lambda name, *a: counter if name == "learned-counter" else real(name, *a))
+    out = tmp_path / "guided"
+    bench.run(args("--reward", "learned-counter", "--dynamics", "vp-sde", "--nfe", "30", "--prompts", "2",
+                   "--diversity-prompts", "1", "--diversity-samples", "2", "--model", tiny_model, "--out", out))
+    _, rows = read_csv(out / "results.csv")
+    assert sorted({r["method"] for r in rows}) == ["dps", "none", "rbf+dps", "svdd+dps"]
+    assert len(rows) == 4 * 2
+    for r in rows:
+        assert r["reward"] == "learned-counter" and int(r["nfe_used"]) <= int(r["nfe"])
+        images_reward = float(r["given_reward"])
+        assert images_reward <= 0 and images_reward != -float(r["rss"])  # the counter's score, not the exact -RSS
+    md = (out / "results.md").read_text()
+    assert "4. RBF+DPS beats DPS and SVDD+DPS (V.S., NFE 30)" in md
+    assert "held-out accuracy, RBF+DPS vs SVDD+DPS" in md
+
+
+# -----------------------------------------------------------------------------------------------
+# Planning, the CSV file, statistics
+
+
+def test_plan_skips_what_the_paper_does_not_run():
+    cfg = bench.config_from_args(args("--methods", "bon,sop,rbf,dps", "--dynamics", "linear-ode,vp-sde",
+                                      "--nfe", "10,30", "--prompts", "3", "--batch", "2", "--seeds", "2"))
+    units, notes = bench.plan(cfg)
+    # bon: L.O. only, needs 10 (n = 1 x 10 steps); sop: needs 42; rbf: needs 2 x (1 + 9) = 20; dps: not differentiable
+    runs = sorted({(u.method, u.dynamics, u.nfe) for u in units})
+    assert runs == [("bon", "linear-ode", 10), ("bon", "linear-ode", 30), ("rbf", "linear-ode", 30), ("rbf", "vp-sde", 30)]
+    assert len(units) == len(runs) * 2 * 2  # 2 seeds x 2 chunks ([0, 1], [2])
+    assert sorted({tuple(u.prompt_ids) for u in units}) == [(0, 1), (2,)]
+    assert [u.nfe for u in units] == sorted(u.nfe for u in units)  # cheapest budgets first
+    text = "\n".join(notes)
+    assert "bon vp-sde: BoN and SoP are Linear-ODE methods" in text
+    assert "sop linear-ode NFE 30: below its minimum budget of 42" in text
+    assert "rbf vp-sde NFE 10: below its minimum budget of 20" in text
+    assert "dps linear-ode: gradient guidance needs a differentiable reward" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "rbf,best"], "--methods: unknown ['best']"),
+    (["--dynamics", "vp"], "--dynamics: unknown ['vp']"),
+    (["--nfe", "50,lots"], "--nfe takes comma-separated integers"),
+    (["--prompts", "0"], "--prompts takes a number >= 1 or an existing file"),
+    (["--task", "aesthetic"], "--task must be one of"),
+    (["--reward", "vqascore"], "--reward must be one of"),
+    (["--seeds", "0"], "--seeds is too small"),
+])
+def test_bad_arguments_are_value_errors(argv, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        bench.config_from_args(args(*argv))
+
+
+def test_prompts_from_a_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# counting\none red circle\n\ntwo blue squares\none red circle\n")
+    cfg = bench.config_from_args(args("--prompts", path))
+    assert cfg.prompts == ["one red circle", "two blue squares"]
+
+
+def test_csv_rows_are_whole_and_a_half_line_is_dropped(tmp_path):
+    path = tmp_path / "results.csv"
+    row = {c: str(i) for i, c in enumerate(bench.COLUMNS)} | {"prompt": "two red circles, one blue square"}
+    bench.append_rows(path, [row, row | {"seed": "1"}])
+    bench.append_rows(path, [row | {"seed": "2"}])
+    assert path.read_text().count("\n") == 4  # header + 3 rows, the comma in the prompt quoted
+    with open(path, "a") as f:
+        f.write("counting,counting,10,rbf")  # a killed process
+    rows = bench.read_rows(path)
+    assert [r["seed"] for r in rows] == [row["seed"], "1", "2"] and rows[0] == row
+    assert path.read_text().endswith("\n") and path.read_text().count("\n") == 4
+
+
+def test_mean_and_standard_error():
+    s = bench.mean_se([1.0, 2.0, 3.0, 4.0, float("nan")])  # nan = a metric the model does not have: ignored
+    assert (s.mean, s.n) == (2.5, 4)
+    assert s.se == pytest.approx((5 / 3) ** 0.5 / 2)  # std with ddof 1 over sqrt(n)
+    assert bench.mean_se([7.0]).n == 1 and str(bench.mean_se([7.0])) == "7.000 ± –"
+
+
+def test_chunk_seeds_are_distinct_and_fixed():
+    seeds = {bench.chunk_seed(s, c) for s in range(5) for c in range(20)}
+    assert len(seeds) == 100
+    assert bench.chunk_seed(3, 7) == bench.chunk_seed(3, 7)
