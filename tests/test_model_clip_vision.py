@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from model import (CLIP, CLIP_IMAGE_STD, CLIP_VISION_CONFIGS, CheckpointError, CLIPVision, CLIPVisionConfig,
                    clip_from_transformers, clip_preprocess, load_clip, load_clip_vision)
+from tiny import randomise_vectors, max_diff
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,24 +34,8 @@ TEXT_TINY = dict(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden
 PROJECTION = 12
 
 
-def randomise_vectors(model: torch.nn.Module, seed: int) -> None:
-    """Norm gains ~ 1 + 0.3 N(0, 1), biases and the class embedding ~ 0.3 N(0, 1): a swapped or
-    missing vector shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0)
-                        + 0.3 * torch.randn(p.shape, generator=g))
-
-
 def shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def hf_vision(seed: int = 0):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from model import (CLIP_CONFIGS, CLIP_EOS, T5_CONFIGS, CheckpointError, CLIPText, CLIPTextConfig, T5Config,
                    T5Encoder, clip_byte_alphabet, load_clip_text, load_clip_tokenizer, load_t5, load_t5_tokenizer,
                    relative_position_bucket, save_clip_text, save_t5, train_clip_bpe, train_t5_sentencepiece)
+from tiny import randomise_vectors, max_diff
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,21 +41,6 @@ SHAPE_CORPUS = [f"{n} {c} {s} {rel} one {c2} {s2}"
                 for n in ["one", "two", "three", "four"] for c in ["red", "green", "blue"]
                 for s in ["circles", "squares", "stars"] for rel in ["and", "above", "left of"]
                 for c2 in ["purple", "yellow"] for s2 in ["triangle", "circle"]]
-
-
-def randomise_vectors(model: torch.nn.Module, seed: int) -> None:
-    """Norm gains ~ 1 + 0.3 N(0, 1), biases ~ 0.3 N(0, 1): a swapped or missing vector shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0)
-                        + 0.3 * torch.randn(p.shape, generator=g))
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 # -----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 import flowscale
 import model as M
 import rewards as R
+from tiny import randomise_vectors
 
 PROMPT = "a photo of a cat"
 CORPUS = [PROMPT, "a dog playing in the snow", "an owl on a branch", "a small red fox", "a horse in a field",
@@ -48,17 +49,6 @@ T5_MAX = {"schnell": 256, "dev": 512}  # BFL's T5 sequence lengths, which load_p
 SIZE = {"schnell": (32, 48), "dev": (16, 32)}
 AE_8X = dataclasses.replace(M.AE_CONFIGS["tiny"], ch_mult=(1, 2, 2, 2))  # 3 downsamplings: f = 8
 CLIP_PROJECTION = 12  # the reward CLIP's embedding width = the aesthetic head's input size
-
-
-def randomise_vectors(module: nn.Module, seed: int) -> None:
-    """Norm gains ~ 1 + 0.3 N(0, 1), biases ~ 0.3 N(0, 1): a swapped or dropped tensor then changes
-    the output (at their default 1 and 0 many mistakes would cancel)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name and name.endswith(("weight", "scale")) else 0.0)
-                        + 0.3 * torch.randn(p.shape, generator=g))
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 import model as M
 import rewards as R
 import search
+from tiny import randomise_vectors, max_diff
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,21 +34,6 @@ VISION_TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, nu
                    num_channels=3, image_size=32, patch_size=8, layer_norm_eps=1e-5)
 PROJECTION = 12
 TEXT_POSITIONS = 16
-
-
-def randomise_vectors(model: nn.Module, seed: int) -> None:
-    """Norm gains ~ 1 + 0.3 N(0, 1), biases and the class embedding ~ 0.3 N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0)
-                        + 0.3 * torch.randn(p.shape, generator=g))
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 def features(out) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""The pipeline and the command line on the embedded mini-FLUX (weights/mini-flux).
+
+The shipped weights are read by the same loaders as the real FLUX.1 release, so these tests also
+prove that the embedded model is a genuine FLUX.1-format checkpoint (diffusers reads it too).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import flowscale
+import model as M
+import toyworld
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "two red circles and one blue square"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return flowscale.load_pipeline()
+
+
+def test_embedded_model_is_a_flux1_folder(pipe):
+    """Every component loads strictly from the FLUX.1 layout; the latent is 32x32 pixels rearranged."""
+    folder = flowscale.DEFAULT_MODEL
+    for sub in ("transformer", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        assert (folder / sub).is_dir(), sub
+    assert pipe.shape_world and pipe.latent_shape == (12, 16, 16)
+    assert pipe.flux.params.in_channels == 48
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 30e6, f"the embedded model should stay under 30 MB, it is {size / 1e6:.1f} MB"
+
+
+def test_embedded_flux_matches_diffusers(pipe):
+    """diffusers' FluxTransformer2DModel reads the shipped transformer and computes the same velocity."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.FluxTransformer2DModel.from_pretrained(flowscale.DEFAULT_MODEL / "transformer",
+                                                           torch_dtype=torch.float32).eval()
+    cond = flowscale.encode_prompts(pipe, [PROMPT, "a green triangle above a yellow square"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *pipe.latent_shape, generator=g)
+    t = torch.tensor([0.9, 0.3])
+    with torch.no_grad():
+        ours = flowscale.make_velocity(pipe, cond)(x, t, torch.tensor([0, 1]))
+        C, H, W = pipe.latent_shape
+        theirs = ref(hidden_states=M.pack(x), encoder_hidden_states=cond.txt, pooled_projections=cond.y,
+                     timestep=t, img_ids=M.image_ids(1, H, W)[0], txt_ids=M.text_ids(1, cond.txt.shape[1])[0]).sample
+    assert (ours - M.unpack(theirs, H, W)).abs().max() < 1e-4
+
+
+def test_generate_is_seeded_and_batches_prompts(pipe):
+    a = flowscale.generate(pipe, [PROMPT, "three green triangles"], method="rbf", nfe=30, seed=1)
+    b = flowscale.generate(pipe, [PROMPT, "three green triangles"], method="rbf", nfe=30, seed=1)
+    alone = flowscale.generate(pipe, [PROMPT], method="rbf", nfe=30, seed=1)
+    assert torch.equal(a.images, b.images) and a.reward == b.reward
+    assert torch.allclose(a.images[0], alone.images[0], atol=1e-5), "prompt 0 of a batch = prompt 0 alone"
+    assert all(n <= 30 for n in a.nfe_used)
+    assert a.images.shape == (2, 3, 32, 32) and 0 <= a.images.min() and a.images.max() <= 1
+    # the given reward is the exact counting reward, so it agrees with the held-out RSS
+    assert [-m["rss"] for m in a.metrics] == pytest.approx(a.reward)
+
+
+def test_cli_generate_writes_image_and_json(tmp_path):
+    out = tmp_path / "gen"
+    code = flowscale.main(["generate", "--prompt", PROMPT, "--method", "bon", "--dynamics", "linear-ode",
+                           "--nfe", "20", "--out", str(out)])
+    assert code == 0
+    record = json.loads((out / "result.json").read_text())
+    assert record["prompt"] == PROMPT and record["method"] == "bon" and record["nfe_used"] <= 20
+    assert set(record["heldout"]) == {"rss", "accuracy", "composition"}
+    assert (out / "image.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "best"], "unknown method"),
+    (["--dynamics", "vp-ode"], "unknown dynamics"),
+    (["--reward", "beauty"], "beauty"),
+    (["--method", "rbf", "--nfe", "5"], "at least"),
+    (["--prompt", "three purple circles"], "purple"),
+    (["--model", "/nonexistent/flux"], "not found"),
+])
+def test_cli_errors_are_clear(tmp_path, capsys, args, message):
+    argv = ["generate", "--prompt", PROMPT, "--out", str(tmp_path)]
+    for i in range(0, len(args), 2):  # later options override the defaults above
+        if args[i] in argv:
+            argv[argv.index(args[i]) + 1] = args[i + 1]
+        else:
+            argv += args[i:i + 2]
+    assert flowscale.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err
+
+
+def test_demo_writes_grid_table_and_summary(tmp_path):
+    out = tmp_path / "demo"
+    assert flowscale.main(["demo", "--out", str(out), "--prompts", "2", "--nfe", "30"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["runs"]) == 3 * 2
+    assert {r["method"] for r in summary["runs"]} == {"none", "bon", "rbf"}
+    assert (out / "grid.png").stat().st_size > 0 and "| method |" in (out / "table.md").read_text()
+    assert all(toyworld.prompt_split(r["prompt"]) == "heldout" for r in summary["runs"])
