@@ -38,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import model as M
 import rewards as R
@@ -216,11 +217,12 @@ def heldout_metrics(images: torch.Tensor, prompts: list[str]) -> list[dict]:
 
 def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamics: str = "vp-sde",
              nfe: int = 200, num_steps: int = 10, reward: str | R.Reward = "counting", seed: int = 0,
-             callback=None, **knobs) -> Generation:
+             callback=None, progress: bool = False, **knobs) -> Generation:
     """Run one search method for each prompt with a budget of `nfe` velocity evaluations per prompt.
 
     reward is a name of rewards.get_reward (the shape-world ones need no files) or a reward object
-    (e.g. rewards.get_reward("aesthetic", weights=..., clip=...) for real images).
+    (e.g. rewards.get_reward("aesthetic", weights=..., clip=...) for real images). `callback`
+    receives search.StepInfo after every step; `progress` shows a tqdm bar of the NFE spent.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -230,9 +232,18 @@ def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamic
     cond = encode_prompts(pipe, prompts)
     problem = make_problem(pipe, cond, reward_fn, dynamics=dynamics, num_steps=num_steps)
     generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=nfe * len(prompts), desc=f"{method} {dynamics}", unit="NFE", disable=not progress,
+               dynamic_ncols=True, leave=False)
+
+    def on_step(info: search.StepInfo) -> None:
+        bar.update(int(info.nfe.sum()))
+        if callback is not None:
+            callback(info)
+
     start = time.perf_counter()
-    result = search.run(method, problem, nfe, generator=generator, callback=callback, **knobs)
+    result = search.run(method, problem, nfe, generator=generator, callback=on_step, **knobs)
     seconds = time.perf_counter() - start
+    bar.close()
     with torch.no_grad():
         images = decode(pipe, result.x0)
     out = Generation(prompts, method, dynamics, nfe, images, result.reward.tolist(), result.nfe_used.tolist(),
@@ -321,7 +332,8 @@ def cmd_demo(args) -> None:
     gens = []
     for label, settings in runs:
         print(f"{label} ...", file=sys.stderr)
-        gens.append(generate(pipe, prompts, num_steps=args.steps, reward=args.reward, seed=args.seed, **settings))
+        gens.append(generate(pipe, prompts, num_steps=args.steps, reward=args.reward, seed=args.seed,
+                             progress=True, **settings))
 
     images = [[g.images[i] for g in gens] for i in range(len(prompts))]
     captions = [[f"reward {g.reward[i]:.2f}" + (f", acc {g.metrics[i]['accuracy']:.0f}" if g.metrics else "")
@@ -350,7 +362,7 @@ def cmd_generate(args) -> None:
     pipe = load_pipeline(args.model, height=args.height, width=args.width)
     knobs = {} if args.dps_beta is None else {"dps_beta": args.dps_beta}
     gen = generate(pipe, [args.prompt], method=args.method, dynamics=args.dynamics, nfe=args.nfe,
-                   num_steps=args.steps, reward=reward, seed=args.seed, **knobs)
+                   num_steps=args.steps, reward=reward, seed=args.seed, progress=True, **knobs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_png(gen.images[0], out / "image.png", scale=8 if pipe.shape_world else 1)
