@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-import flowscale
-import search
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import flowscale  # noqa: E402
+import search  # noqa: E402
 
 
 def nfe_per_second(pipe, batch_sizes, repeats: int) -> list[tuple[int, float, float]]:
