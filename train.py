@@ -214,7 +214,7 @@ def train(cfg: TrainConfig) -> Path:
         "height": cfg.image_size, "width": cfg.image_size, "channels": 3,
         "t5_max_length": cfg.t5_max_length,
         "world": "shapes",                   # prompts are checked against toyworld's vocabulary
-        "train": {**asdict(cfg), "steps_done": len(losses), "minutes": round(minutes, 1),
+        "train": {**asdict(cfg), "steps_done": len(losses), "wall_minutes": round(minutes, 1),
                   "final_loss": float(np.mean(losses[-200:]))},
     }
     (out / "flowscale.json").write_text(json.dumps(meta, indent=2) + "\n")
