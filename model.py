@@ -142,6 +142,14 @@ def load_checkpoint_into(module: nn.Module, state: dict[str, torch.Tensor], sour
     return module.eval()
 
 
+def build_and_load(build: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: str | Path, *,
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """`build()` on the meta device (no memory, no init), then `load_checkpoint_into` adopts `state`."""
+    with torch.device("meta"):
+        module = build()
+    return load_checkpoint_into(module, state, source, dtype=dtype, device=device)
+
+
 # -----------------------------------------------------------------------------------------------
 # Flux MMDiT
 #
@@ -1895,7 +1903,7 @@ def load_flux(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
             params = config or _flux_params_from_diffusers_config(_read_json(folder / "config.json"),
                                                                  folder / "config.json")
             state = flux_from_diffusers(read_sharded_folder(folder, "diffusion_pytorch_model"), params, folder)
-            return _load_flux_state(params, state, folder, device, dtype)
+            return build_and_load(lambda: Flux(params), state, folder, device=device, dtype=dtype)
         if len(singles) != 1:
             found = sorted(p.name for p in path.iterdir())
             raise CheckpointError(
@@ -1917,19 +1925,14 @@ def load_flux(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
             raise CheckpointError(f"{path} has diffusers tensor names: put its config.json next to it, "
                                   f"or pass config=")
         params = config or _flux_params_from_diffusers_config(file_config, beside)
-        return _load_flux_state(params, flux_from_diffusers(state, params, path), path, device, dtype)
+        return build_and_load(lambda: Flux(params), flux_from_diffusers(state, params, path), path,
+                              device=device, dtype=dtype)
     if config is None:
         file_config = file_config or {}
         axes_dim = file_config.get("axes_dim", file_config.get("axes_dims_rope"))
         config = _flux_params_from_shapes(state, path, axes_dim, file_config.get("theta", 10_000))
-    return _load_flux_state(config, state, path, device, dtype)
+    return build_and_load(lambda: Flux(config), state, path, device=device, dtype=dtype)
 
-
-def _load_flux_state(params: FluxParams, state: dict[str, torch.Tensor], source: Path,
-                     device: str | torch.device, dtype: torch.dtype | None) -> Flux:
-    with torch.device("meta"):
-        model = Flux(params)
-    return load_checkpoint_into(model, state, source, dtype=dtype, device=device)
 
 
 def save_flux(model: Flux, folder: str | Path) -> None:
@@ -2019,9 +2022,7 @@ def load_t5(path: str | Path, *, device: str | torch.device = "cpu", dtype: torc
                                "a T5 encoder folder (config.json + model.safetensors or model.safetensors.index.json)")
     cfg = t5_config_from_json(_read_json(folder / "config.json"), folder / "config.json")
     state = t5_from_transformers(read_sharded_folder(folder, "model"))
-    with torch.device("meta"):
-        model = T5Encoder(cfg)
-    return load_checkpoint_into(model, state, folder, dtype=dtype, device=device)
+    return build_and_load(lambda: T5Encoder(cfg), state, folder, device=device, dtype=dtype)
 
 
 def load_clip_text(path: str | Path, *, device: str | torch.device = "cpu",
@@ -2033,9 +2034,7 @@ def load_clip_text(path: str | Path, *, device: str | torch.device = "cpu",
                                "model.safetensors.index.json)")
     cfg = clip_text_config_from_json(_read_json(folder / "config.json"), folder / "config.json")
     state = clip_text_from_transformers(read_sharded_folder(folder, "model"))
-    with torch.device("meta"):
-        model = CLIPText(cfg)
-    return load_checkpoint_into(model, state, folder, dtype=dtype, device=device)
+    return build_and_load(lambda: CLIPText(cfg), state, folder, device=device, dtype=dtype)
 
 
 def _save_transformers_folder(model: nn.Module, config: dict, folder: str | Path) -> None:
@@ -2145,9 +2144,7 @@ def load_clip_vision(path: str | Path, *, device: str | torch.device = "cpu",
     state = clip_vision_from_transformers(read_sharded_folder(folder, "model"))
     if "vision_config" in config:  # a CLIPModel file: set its text side aside, anything else stays and is reported
         state = {k: v for k, v in state.items() if not k.startswith(_CLIP_TEXT_KEYS)}
-    with torch.device("meta"):
-        model = CLIPVision(cfg)
-    return load_checkpoint_into(model, state, folder, dtype=dtype, device=device)
+    return build_and_load(lambda: CLIPVision(cfg), state, folder, device=device, dtype=dtype)
 
 
 def load_clip(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> CLIP:
@@ -2165,9 +2162,7 @@ def load_clip(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
     text_cfg = clip_text_config_from_json(config["text_config"], folder / "config.json")
     vision_cfg = clip_vision_config_from_json(config, folder / "config.json")
     state = clip_from_transformers(read_sharded_folder(folder, "model"))
-    with torch.device("meta"):
-        model = CLIP(text_cfg, vision_cfg)
-    return load_checkpoint_into(model, state, folder, dtype=dtype, device=device)
+    return build_and_load(lambda: CLIP(text_cfg, vision_cfg), state, folder, device=device, dtype=dtype)
 
 
 # Autoencoder: BFL ae.safetensors and diffusers vae/ folders -------------------------------------
@@ -2365,7 +2360,7 @@ def load_autoencoder(path: str | Path, *, device: str | torch.device = "cpu", dt
             params = config or _ae_params_from_diffusers_config(_read_json(folder / "config.json"),
                                                                folder / "config.json")
             state = ae_from_diffusers(read_sharded_folder(folder, "diffusion_pytorch_model"), params)
-            return _load_ae_state(params, state, folder, device, dtype)
+            return build_and_load(lambda: AutoEncoder(params), state, folder, device=device, dtype=dtype)
         if not single.is_file():
             found = sorted(p.name for p in path.iterdir())
             raise CheckpointError(
@@ -2388,18 +2383,13 @@ def load_autoencoder(path: str | Path, *, device: str | torch.device = "cpu", dt
             raise CheckpointError(f"{path} has diffusers tensor names: put its AutoencoderKL config.json "
                                   f"next to it, or pass config=")
         params = config or _ae_params_from_diffusers_config(file_config, beside)
-        return _load_ae_state(params, ae_from_diffusers(state, params), path, device, dtype)
+        return build_and_load(lambda: AutoEncoder(params), ae_from_diffusers(state, params), path,
+                              device=device, dtype=dtype)
     if config is None:
         config = (_ae_params_from_diffusers_config(file_config, beside) if file_config is not None
                   else _ae_params_from_shapes(state, path))
-    return _load_ae_state(config, state, path, device, dtype)
+    return build_and_load(lambda: AutoEncoder(config), state, path, device=device, dtype=dtype)
 
-
-def _load_ae_state(params: AutoEncoderParams, state: dict[str, torch.Tensor], source: Path,
-                   device: str | torch.device, dtype: torch.dtype | None) -> AutoEncoder:
-    with torch.device("meta"):
-        model = AutoEncoder(params)
-    return load_checkpoint_into(model, state, source, dtype=dtype, device=device)
 
 
 def save_autoencoder(model: AutoEncoder, folder: str | Path) -> None:
