@@ -829,32 +829,34 @@ class CLIPTextOutput(NamedTuple):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention, softmax(q k^T / sqrt(Dh) + causal mask) v, with biases."""
+    """Multi-head self-attention, softmax(q k^T / sqrt(Dh) [+ causal mask]) v, with biases. The text
+    tower is causal (token l sees tokens 0..l only); the vision tower is not (every patch sees all)."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig, causal: bool):
         super().__init__()
         D = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
+        self.causal = causal
         self.q_proj = nn.Linear(D, D)
         self.k_proj = nn.Linear(D, D)
         self.v_proj = nn.Linear(D, D)
         self.out_proj = nn.Linear(D, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, L, D) -> (B, L, D); token l sees tokens 0..l only."""
+        """x (B, L, D) -> (B, L, D)."""
         B, L, D = x.shape
         H = self.num_heads
         q = self.q_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
         k = self.k_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
         v = self.v_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, Dh)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))     # (B, L, D)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, L, Dh)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))            # (B, L, D)
 
 
 class CLIPMLP(nn.Module):
     """fc2(quick_gelu(fc1(x))), quick_gelu(x) = x * sigmoid(1.702 x) (OpenAI CLIP's GELU approximation)."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
@@ -865,11 +867,11 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LN block: x + attn(LN1(x)), then x + mlp(LN2(x))."""
+    """Pre-LN block: x + attn(LN1(x)), then x + mlp(LN2(x)); shared by the text (causal) and vision towers."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -1046,44 +1048,6 @@ class CLIPVisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding(position)  # (B, N + 1, D)
 
 
-class CLIPVisionAttention(nn.Module):
-    """Bidirectional multi-head self-attention: the text tower's CLIPAttention without the causal mask
-    (same q/k/v/out_proj names and scale 1 / sqrt(Dh)); every patch sees every patch."""
-
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        D = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.q_proj = nn.Linear(D, D)
-        self.k_proj = nn.Linear(D, D)
-        self.v_proj = nn.Linear(D, D)
-        self.out_proj = nn.Linear(D, D)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, D = x.shape
-        H = self.num_heads
-        q = self.q_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
-        k = self.k_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
-        v = self.v_proj(x).reshape(B, L, H, D // H).transpose(1, 2)  # (B, H, L, Dh)
-        out = F.scaled_dot_product_attention(q, k, v)                 # (B, H, L, Dh)
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))     # (B, L, D)
-
-
-class CLIPVisionEncoderLayer(nn.Module):
-    """Pre-LN block: x + attn(LN1(x)), then x + mlp(LN2(x)); the MLP is the text tower's CLIPMLP (quick_gelu)."""
-
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        self.self_attn = CLIPVisionAttention(cfg)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = CLIPMLP(cfg)  # reads only hidden_size and intermediate_size
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class CLIPVision(nn.Module):
     """CLIP image tower + visual_projection: pixel_values (B, C, S, S), normalised by `clip_preprocess`
     -> CLIPVisionOutput(last_hidden_state (B, N + 1, D), pooled (B, D), image_embeds (B, E))."""
@@ -1096,7 +1060,7 @@ class CLIPVision(nn.Module):
             embeddings=CLIPVisionEmbeddings(cfg),
             pre_layrnorm=nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps),  # sic, the checkpoint key
             encoder=nn.ModuleDict(dict(
-                layers=nn.ModuleList(CLIPVisionEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)),
+                layers=nn.ModuleList(CLIPEncoderLayer(cfg, causal=False) for _ in range(cfg.num_hidden_layers)),
             )),
             post_layernorm=nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps),
         ))
