@@ -101,6 +101,11 @@ def read_sharded_folder(folder: str | Path, stem: str) -> dict[str, torch.Tensor
     )
 
 
+def has_sharded_weights(folder: Path, stem: str) -> bool:
+    """Does `folder` hold `{stem}.safetensors` or `{stem}.safetensors.index.json` (what read_sharded_folder reads)?"""
+    return any((folder / f"{stem}.safetensors{suffix}").is_file() for suffix in ("", ".index.json"))
+
+
 def _first(items: list[str], n: int = 5) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
@@ -1861,8 +1866,7 @@ def load_flux(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
         singles = sorted(path.glob("flux1-*.safetensors"))
-        has_weights = any((folder / f"diffusion_pytorch_model.safetensors{suffix}").is_file()
-                          for suffix in ("", ".index.json"))
+        has_weights = has_sharded_weights(folder, "diffusion_pytorch_model")
         if (folder / "config.json").is_file() and (has_weights or not singles):
             params = config or _flux_params_from_diffusers_config(_read_json(folder / "config.json"),
                                                                  folder / "config.json")
@@ -2318,8 +2322,7 @@ def load_autoencoder(path: str | Path, *, device: str | torch.device = "cpu", dt
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path
         single = path / "ae.safetensors"
-        has_weights = any((folder / f"diffusion_pytorch_model.safetensors{suffix}").is_file()
-                          for suffix in ("", ".index.json"))
+        has_weights = has_sharded_weights(folder, "diffusion_pytorch_model")
         if (folder / "config.json").is_file() and (has_weights or not single.is_file()):
             params = config or _ae_params_from_diffusers_config(_read_json(folder / "config.json"),
                                                                folder / "config.json")
