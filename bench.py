@@ -92,7 +92,7 @@ class BenchConfig:
     steps: int  # denoising steps T (paper: 10)
     batch: int  # prompts per generate call (a chunk)
     out: Path  # output folder
-    model: str | None  # model folder, None = embedded weights/mini-flux
+    model: str | None  # model folder, None = embedded weights/mini-flux-schnell
     height: int  # image height (real FLUX.1 only)
     width: int  # image width (real FLUX.1 only)
     diversity_samples: int  # M samples branched from one x_t
@@ -708,7 +708,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--diversity-samples", type=int, default=None, help="samples from one x_t [16 / 8]")
     parser.add_argument("--diversity-prompts", type=int, default=None, help="prompts for diversity [4 / 2]")
     parser.add_argument("--quick", action="store_true", help="a small setting that runs in a few minutes")
-    parser.add_argument("--model", default=None, help="model folder (default: the embedded weights/mini-flux)")
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded weights/mini-flux-schnell)")
     parser.add_argument("--height", type=int, default=1024, help="image height (real FLUX.1 only)")
     parser.add_argument("--width", type=int, default=1024, help="image width (real FLUX.1 only)")
     parser.add_argument("--out", default="out/bench", help="output folder; an existing one is resumed")

@@ -22,8 +22,10 @@ One generate call (DESIGN.md, "Data flow"):
                   proposals by ODE / SDE steps (sde.py), value = reward(decode(x0_hat))
            -> best x0_hat -> decode -> PNG + JSON
 
-The default model is the embedded one (weights/mini-flux, trained by train.py on the shape world);
-`--model` also takes a real FLUX.1 [schnell] or [dev] folder in the Hugging Face layout.
+The default model is the embedded mini-FLUX.1-schnell (weights/mini-flux-schnell, distilled by
+train.py from weights/mini-flux-dev on the shape world; the paper and its official code run
+FLUX.1-schnell); `--model` takes the other embedded model, or a real FLUX.1 [schnell] or [dev]
+folder in the Hugging Face layout.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import rewards as R
 import search
 import toyworld
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "mini-flux"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "mini-flux-schnell"
 METHODS = ("none", "bon", "sop", "smc", "code", "svdd", "rbf", "dps", "svdd+dps", "rbf+dps")
 DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
 
@@ -67,6 +69,7 @@ class Pipeline:
     shape_world: bool                               # prompts must be shape-world prompts (embedded model)
     guidance: float | None = None                   # distilled guidance scale (flux-dev), None for schnell
     name: str = ""                                  # where it was loaded from
+    counter: R.LearnedCounter | None = None         # shape world: the second counter of the held-out metrics
 
 
 def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: int = 1024,
@@ -82,9 +85,10 @@ def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: 
         hint = " (run `python train.py` to train the embedded model)" if path == DEFAULT_MODEL else ""
         raise ValueError(f"model folder not found: {path}{hint}")
     meta_file = path / "flowscale.json"
-    # The embedded model is stored in bf16 (like the release) but small enough to run in float32;
-    # the real FLUX.1 (12 B parameters) only fits in memory as bf16.
-    dtype = dtype or (torch.float32 if meta_file.is_file() else torch.bfloat16)
+    # Both the embedded models and the real FLUX.1 are stored and run in bf16, as the release is
+    # used; the search math (noise, SDE steps, Tweedie, rewards) stays float32 (make_velocity).
+    # dtype=torch.float32 runs the network in float32 (about half the NFE/s here, see benchmarks/).
+    dtype = dtype or torch.bfloat16
     # checked before loading anything (a real FLUX.1 takes minutes to load)
     if not meta_file.is_file() and (height % 16 or width % 16):
         raise ValueError(f"FLUX.1 needs height and width divisible by 16, got {height}x{width}")
@@ -98,8 +102,9 @@ def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: 
         latent = M.PixelLatent(factor)
         shape = (meta["channels"] * factor ** 2, meta["height"] // factor, meta["width"] // factor)
         t5_tokenizer = M.load_t5_tokenizer(path, max_length=meta["t5_max_length"])
-        return Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, shape,
-                        shape_world=meta.get("world") == "shapes", name=str(path))
+        shape_world = meta.get("world") == "shapes"
+        return Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, shape, shape_world=shape_world,
+                        name=str(path), counter=R.load_counter() if shape_world else None)
     latent = M.load_autoencoder(path, device=device, dtype=dtype)
     is_dev = flux.params.guidance_embed
     # BFL's sequence lengths: 256 T5 tokens for schnell, 512 for dev (notes/flux.md, Tokenizers).
@@ -207,12 +212,26 @@ class Generation:
     result: search.SearchResult | None = None
 
 
-def heldout_metrics(images: torch.Tensor, prompts: list[str]) -> list[dict]:
-    """Exact shape-world metrics: counting RSS and accuracy, composition score (the held-out
-    counterparts of GroundingDINO -RSS and VQAScore in the paper's Sec. 7)."""
+def heldout_metrics(images: torch.Tensor, prompts: list[str], counter: R.LearnedCounter | None = None) -> list[dict]:
+    """Shape-world metrics of each image, reported beside the given reward:
+      rss, accuracy, composition   the exact detector's counting RSS, exact-count accuracy and
+                                   fraction of facts (the counterparts of GroundingDINO -RSS and
+                                   VQAScore in the paper's Sec. 7)
+      fidelity                     match to a clean re-render of the detected scene (toyworld.fidelity),
+                                   in the role of the paper's aesthetic score: blur and ghosts lower it
+      counter_accuracy             exact counts by the learned counter (a convolutional network that
+                                   shares none of the detector's machinery), if given: reward hacking
+                                   of one counter shows as disagreement with the other
+    """
     rss = -R.CountingReward()(images, prompts)
     comp = R.CompositionReward()(images, prompts)
-    return [{"rss": float(r), "accuracy": float(r == 0), "composition": float(c)} for r, c in zip(rss, comp)]
+    fid = toyworld.fidelity(images)
+    learned = [float("nan")] * len(prompts)
+    if counter is not None:
+        with torch.no_grad():
+            learned = R.learned_counter_accuracy(counter, images, prompts).tolist()
+    return [{"rss": float(r), "accuracy": float(r == 0), "composition": float(c), "fidelity": float(f),
+             "counter_accuracy": float(a)} for r, c, f, a in zip(rss, comp, fid, learned)]
 
 
 def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamics: str = "vp-sde",
@@ -249,7 +268,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamic
     out = Generation(prompts, method, dynamics, nfe, images, result.reward.tolist(), result.nfe_used.tolist(),
                      seconds, result=result)
     if pipe.shape_world:
-        out.metrics = heldout_metrics(images, prompts)
+        out.metrics = heldout_metrics(images, prompts, pipe.counter)
     return out
 
 
@@ -317,7 +336,7 @@ def generation_record(gen: Generation, i: int, **settings) -> dict:
 # Commands
 
 
-DEMO_PROMPTS = 4           # held-out counting prompts in the demo
+DEMO_PROMPTS = 4           # the first k hard held-out counting prompts (toyworld.heldout_prompts, split "hard")
 DEMO_NFE = 200             # RBF's budget per prompt in the demo (the plain sampler uses num_steps)
 
 
@@ -325,7 +344,7 @@ def cmd_demo(args) -> None:
     pipe = load_pipeline(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = toyworld.heldout_prompts("counting", args.prompts, seed=args.seed)
+    prompts = toyworld.heldout_prompts("counting", args.prompts, seed=args.seed, split="hard")
     runs = [("plain (Linear-ODE)", dict(method="none", dynamics="linear-ode", nfe=args.steps)),
             (f"BoN, {args.nfe} NFE", dict(method="bon", dynamics="linear-ode", nfe=args.nfe)),
             (f"RBF VP-SDE, {args.nfe} NFE", dict(method="rbf", dynamics="vp-sde", nfe=args.nfe))]
@@ -336,16 +355,20 @@ def cmd_demo(args) -> None:
                              progress=True, **settings))
 
     images = [[g.images[i] for g in gens] for i in range(len(prompts))]
-    captions = [[f"reward {g.reward[i]:.2f}" + (f", acc {g.metrics[i]['accuracy']:.0f}" if g.metrics else "")
+    captions = [[f"reward {g.reward[i]:.2f}" + (f", acc {g.metrics[i]['accuracy']:.0f}, "
+                                                f"fid {g.metrics[i]['fidelity']:.2f}" if g.metrics else "")
                  for g in gens] for i in range(len(prompts))]
     save_grid(prompts, [label for label, _ in runs], images, captions, out / "grid.png",
               title=f"{Path(pipe.name).name}: reward = {args.reward}")
 
-    header = f"| method | mean {args.reward} reward | counting accuracy | NFE used / prompt | seconds |"
-    lines = [header, "|---|---|---|---|---|"]
+    header = (f"| method | mean {args.reward} reward | counting accuracy | learned-counter accuracy | "
+              f"fidelity | NFE used / prompt | seconds |")
+    lines = [header, "|---|---|---|---|---|---|---|"]
     for (label, _), g in zip(runs, gens):
-        acc = np.mean([m["accuracy"] for m in g.metrics]) if g.metrics else float("nan")
-        lines.append(f"| {label} | {np.mean(g.reward):.3f} | {acc:.2f} | {np.mean(g.nfe_used):.0f} | {g.seconds:.1f} |")
+        def mean(key):
+            return np.mean([m[key] for m in g.metrics]) if g.metrics else float("nan")
+        lines.append(f"| {label} | {np.mean(g.reward):.3f} | {mean('accuracy'):.2f} | {mean('counter_accuracy'):.2f} | "
+                     f"{mean('fidelity'):.2f} | {np.mean(g.nfe_used):.0f} | {g.seconds:.1f} |")
     table = "\n".join(lines)
     print(table)
     summary = {"model": pipe.name, "reward": args.reward, "steps": args.steps, "seed": args.seed,
@@ -378,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--model", default=None, help="model folder (default: the embedded weights/mini-flux)")
+        p.add_argument("--model", default=None, help="model folder (default: the embedded weights/mini-flux-schnell)")
         p.add_argument("--steps", type=int, default=10, help="denoising steps")
         p.add_argument("--reward", default="counting",
                        help="given reward: " + " | ".join(R.REWARD_NAMES))

@@ -4,11 +4,12 @@ The shape world: a tiny text-to-image world whose rewards are exact.
 The paper evaluates inference-time search on two text-to-image tasks (Kim et al. 2025, Sec. 7):
 counting ("quantity-aware" prompts from T2I-CompBench++, reward -RSS from GroundingDINO counts)
 and compositional prompts (GenAI-Bench, reward VQAScore). Both rewards are large models. Here the
-images are 32x32 renders of coloured shapes, so the same two rewards become exact and cheap:
+images are 48x48 renders of coloured shapes, so the same two rewards become exact and cheap:
 
     grammar     prompts such as "three red circles and one blue square" (counting) or
                 "a red circle left of a blue square" (composition), a `Spec` behind every prompt
-    split       a fixed hash of the canonical prompt holds ~15% of all prompts out of training
+    split       a fixed hash of the canonical prompt holds ~15% of all prompts out of training;
+                the "hard" held-out prompts are those with >= 3 groups or >= 7 objects
     renderer    random non-overlapping layouts that respect the relations, anti-aliased
     detector    exact object detection: colour unmixing of each pixel, connected components,
                 shape by fitting rendered (and blurred) circles, squares and triangles
@@ -20,9 +21,15 @@ Design choices, and why:
   * A dark background. Every palette colour has a channel near 1 where the background is near 0,
     so each colour stands out by a large RGB distance; on white, yellow would differ in the blue
     channel only.
-  * Four saturated colours x three shapes = 12 categories, at most 6 objects per image, so objects
-    of 7-12 pixels fit without overlap and stay recognisable at 32x32 (a 2.5 px gap between
-    them keeps blurred neighbours apart).
+  * Four saturated colours x three shapes = 12 categories, counts one..eight, up to 4 groups and
+    at most 10 objects per image (T2I-CompBench++ numeracy asks for several categories with counts
+    up to ~8), so objects of 8-18 pixels fit without overlap and stay recognisable at 48x48 (a
+    3 px gap between them keeps blurred neighbours apart). This is the second version of the
+    world: the first had 32x32 images, counts up to five and 6 objects, and was too easy for the
+    budgets of the paper (best-of-N counted every held-out prompt right from 200 NFE). Its grammar
+    is a subset of this one, so every v1 prompt still parses.
+  * 48x48 instead of 32x32 at the same cost per NFE: the model reads 3x3 pixel blocks
+    (`model.PixelLatent(3)`), so FLUX still sees 8x8 = 64 tokens, each 6x6 pixels (real FLUX: 16x16).
   * Relations are between two groups and are checked on centroids: "A left of B" holds when every
     A object's centroid is left of every B object's centroid. The renderer guarantees more (the
     groups are separated by a gap line), so a blurry generated image can still pass.
@@ -52,10 +59,13 @@ COLOURS: dict[str, tuple[float, float, float]] = {  # RGB in [0, 1], saturated a
 BACKGROUND = (0.07, 0.07, 0.09)        # near-black: each colour >= 0.72 away in RGB, and >= 0.73 from each other
 SHAPES = ("circle", "square", "triangle")
 CATEGORIES = [(c, s) for c in COLOURS for s in SHAPES]   # the 12 (colour, shape) categories, fixed order
-COUNT_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
+COUNT_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
 RELATIONS = ("left of", "right of", "above", "below")
-MAX_OBJECTS = 6                        # objects per image (sum of all counts)
+MAX_OBJECTS = 10                       # objects per image (sum of all counts)
+MAX_GROUPS = 4                         # (colour, shape) groups per prompt
+IMAGE_SIZE = 48                        # pixels per side; the geometry below is defined at this size
 HELDOUT_PERCENT = 15                   # share of canonical prompts held out of training
+HARD_GROUPS, HARD_OBJECTS = 3, 7       # a held-out prompt is "hard" with >= 3 groups or >= 7 objects
 
 VOCABULARY = sorted({"a", "and", *COUNT_WORDS, *COLOURS, *SHAPES, *(s + "s" for s in SHAPES),
                      *(w for r in RELATIONS for w in r.split())})
@@ -67,7 +77,7 @@ VOCABULARY = sorted({"a", "and", *COUNT_WORDS, *COLOURS, *SHAPES, *(s + "s" for 
 
 @dataclass(frozen=True)
 class Group:
-    count: int          # number of objects, 1..5
+    count: int          # number of objects, 1..8
     colour: str         # a key of COLOURS
     shape: str          # one of SHAPES
 
@@ -97,9 +107,12 @@ def check_spec(spec: Spec) -> Spec:
     """Raise ValueError unless `spec` is a well-formed shape-world spec; return it."""
     if not spec.groups:
         raise ValueError("a spec needs at least one object group")
+    if len(spec.groups) > MAX_GROUPS:
+        raise ValueError(f"at most {MAX_GROUPS} object groups per prompt, got {len(spec.groups)}")
     for g in spec.groups:
         if g.colour not in COLOURS or g.shape not in SHAPES or not 1 <= g.count <= max(COUNT_WORDS.values()):
-            raise ValueError(f"bad group {g}: colours {list(COLOURS)}, shapes {list(SHAPES)}, counts 1..5")
+            raise ValueError(f"bad group {g}: colours {list(COLOURS)}, shapes {list(SHAPES)}, "
+                             f"counts 1..{max(COUNT_WORDS.values())}")
     categories = [(g.colour, g.shape) for g in spec.groups]
     if len(set(categories)) != len(categories):
         raise ValueError(f"each colour+shape may be named once per prompt, got {categories}")
@@ -158,7 +171,7 @@ def parse_prompt(prompt: str) -> Spec:
         return words[pos - 1]
 
     def group() -> Group:
-        count = expect("a count (a, one .. five)", {"a", *COUNT_WORDS})
+        count = expect(f"a count (a, one .. {list(COUNT_WORDS)[-1]})", {"a", *COUNT_WORDS})
         n = 1 if count == "a" else COUNT_WORDS[count]
         colour = expect(f"a colour ({', '.join(COLOURS)})", COLOURS)
         shapes = SHAPES if n == 1 else tuple(s + "s" for s in SHAPES)
@@ -198,14 +211,21 @@ def prompt_split(prompt: str) -> str:
     return "heldout" if h % 100 < HELDOUT_PERCENT else "train"
 
 
+def is_hard(spec: Spec) -> bool:
+    """The "hard" structure: >= HARD_GROUPS groups or >= HARD_OBJECTS objects. Fixed by the prompt's
+    structure (not by any model's results); the hard held-out split is held-out and hard."""
+    return len(spec.groups) >= HARD_GROUPS or spec.n_objects >= HARD_OBJECTS
+
+
 def _distinct_categories(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
     return [CATEGORIES[i] for i in rng.choice(len(CATEGORIES), size=n, replace=False)]
 
 
 def _sample_counting(rng: np.random.Generator) -> Spec:
-    n_groups = int(rng.integers(1, 4))
-    while True:  # counts uniform on 1..5 each, conditioned on the total fitting in the image
-        counts = rng.integers(1, 6, size=n_groups)
+    n_groups = int(rng.integers(1, MAX_GROUPS + 1))
+    top = max(COUNT_WORDS.values())
+    while True:  # counts uniform on 1..8 each, conditioned on the total fitting in the image
+        counts = rng.integers(1, top + 1, size=n_groups)
         if counts.sum() <= MAX_OBJECTS:
             break
     return Spec(tuple(Group(int(n), c, s) for n, (c, s) in zip(counts, _distinct_categories(rng, n_groups))))
@@ -227,18 +247,22 @@ def _sample_composition(rng: np.random.Generator) -> Spec:
     return Spec(groups, tuple(relations))
 
 
+SPLITS = ("train", "heldout", "hard")   # "hard": held-out prompts with is_hard(spec)
+
+
 def sample_spec(rng: np.random.Generator, kind: str = "any", split: str = "train") -> Spec:
     """A random spec of `kind` ("counting", "composition" or "any" = either with probability 1/2)
-    whose canonical prompt is in `split` ("train", "heldout"); rejection-sampled, so the
-    distribution is the one of the kind restricted to the split."""
+    whose canonical prompt is in `split` ("train", "heldout", or "hard" = held out and is_hard);
+    rejection-sampled, so the distribution is the one of the kind restricted to the split."""
     if kind not in ("any", "counting", "composition"):
         raise ValueError(f"kind must be 'any', 'counting' or 'composition', got {kind!r}")
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     while True:
         k = kind if kind != "any" else ("counting", "composition")[rng.integers(2)]
         spec = _sample_counting(rng) if k == "counting" else _sample_composition(rng)
-        if prompt_split(spec_to_prompt(spec)) == split:
+        in_split = prompt_split(spec_to_prompt(spec))
+        if in_split == split or (split == "hard" and in_split == "heldout" and is_hard(spec)):
             return spec
 
 
@@ -256,15 +280,18 @@ def train_prompts(n: int = 4000, seed: int = 0) -> list[str]:
     return list(prompts)
 
 
-def heldout_prompts(kind: str = "counting", n: int = 100, seed: int = 0) -> list[str]:
-    """A fixed evaluation set: n distinct held-out prompts of `kind`, in sampling order."""
+def heldout_prompts(kind: str = "counting", n: int = 100, seed: int = 0, split: str = "heldout") -> list[str]:
+    """A fixed evaluation set: n distinct prompts of `kind` from `split` ("heldout" or "hard"),
+    in sampling order (so the first k of a set are fixed by the rule, not by any result)."""
+    if split not in ("heldout", "hard"):
+        raise ValueError(f"evaluation prompts come from 'heldout' or 'hard', got {split!r}")
     rng = np.random.default_rng(seed)
     prompts: dict[str, None] = {}
     for _ in range(50 * n):
-        prompts[spec_to_prompt(sample_spec(rng, kind, "heldout"))] = None
+        prompts[spec_to_prompt(sample_spec(rng, kind, split))] = None
         if len(prompts) == n:
             return list(prompts)
-    raise ValueError(f"could not find {n} distinct held-out {kind} prompts; ask for fewer")
+    raise ValueError(f"could not find {n} distinct {split} {kind} prompts; ask for fewer")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -286,11 +313,12 @@ class Placed:
         return self.x0 + self.side / 2, self.y0 + self.side * (2 / 3 if self.shape == "triangle" else 1 / 2)
 
 
-# Object side in pixels at 32x32, by number of objects in the image: large when alone, >= 7 when
-# six must fit with their gaps (below ~6.5 px a blurred square and circle become hard to tell).
-SIDE_RANGE = {1: (9.0, 12.0), 2: (8.0, 11.0), 3: (7.5, 10.0), 4: (7.0, 9.0), 5: (7.0, 8.5), 6: (7.0, 8.0)}
-GAP = 2.5           # minimum distance between bounding boxes, pixels at 32x32 (keeps blurred objects apart)
-MARGIN = 0.5        # minimum distance to the image border, pixels at 32x32
+# Object side in pixels at 48x48, by number of objects in the image: large when alone, >= 7.5 when
+# ten must fit with their gaps (below ~6.5 px a blurred square and circle become hard to tell).
+SIDE_RANGE = {1: (13.0, 18.0), 2: (12.0, 16.0), 3: (11.0, 14.0), 4: (10.0, 13.0), 5: (9.5, 12.0),
+              6: (9.0, 11.0), 7: (8.5, 10.5), 8: (8.0, 10.0), 9: (8.0, 9.0), 10: (7.5, 8.5)}
+GAP = 3.0           # minimum distance between bounding boxes, pixels at 48x48 (keeps blurred objects apart)
+MARGIN = 0.75       # minimum distance to the image border, pixels at 48x48
 
 
 def shape_coverage(shape: str, x0: float, y0: float, side: float, rows: range, cols: range,
@@ -310,17 +338,17 @@ def shape_coverage(shape: str, x0: float, y0: float, side: float, rows: range, c
     return inside.reshape(len(rows), ss, len(cols), ss).mean(axis=(1, 3), dtype=np.float32)  # (h, w)
 
 
-def sample_layout(spec: Spec, rng: np.random.Generator, size: int = 32) -> list[Placed]:
+def sample_layout(spec: Spec, rng: np.random.Generator, size: int = IMAGE_SIZE) -> list[Placed]:
     """Random sizes and positions for every object of `spec`, no two bounding boxes closer than
     GAP, every relation true with room to spare: the two groups of a relation lie on either side
     of a random line, each keeping GAP / 2 from it.
 
     Objects are placed largest first, each uniformly among the still free positions (on a
-    0.25-pixel lattice), which packs six objects of >= 7 px where blind rejection sampling jams.
+    0.25-pixel lattice), which packs ten objects of >= 7.5 px where blind rejection sampling jams.
     After every 10 failed attempts the objects shrink by 2%.
     """
     check_spec(spec)
-    unit, step = size / 32, 0.25 * size / 32
+    unit, step = size / IMAGE_SIZE, 0.25 * size / IMAGE_SIZE
     gap, margin = GAP * unit, MARGIN * unit
     lo, hi = SIDE_RANGE[spec.n_objects]
     for attempt in range(200):
@@ -359,7 +387,7 @@ def sample_layout(spec: Spec, rng: np.random.Generator, size: int = 32) -> list[
     raise AssertionError(f"no layout found for {spec_to_prompt(spec)!r}")
 
 
-def draw(placed: list[Placed], size: int = 32, supersample: int = 4) -> np.ndarray:
+def draw(placed: list[Placed], size: int = IMAGE_SIZE, supersample: int = 4) -> np.ndarray:
     """Rasterise placed shapes into a (3, size, size) float32 image in [0, 1], anti-aliased by
     supersampling (each pixel gets the covered fraction of its sub-pixel centres)."""
     bg = np.array(BACKGROUND, dtype=np.float32)
@@ -374,12 +402,12 @@ def draw(placed: list[Placed], size: int = 32, supersample: int = 4) -> np.ndarr
     return image
 
 
-def render(spec: Spec, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+def render(spec: Spec, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
     """One random image of `spec`: (3, size, size) float32 numpy array in [0, 1]."""
     return draw(sample_layout(spec, rng, size), size)
 
 
-def render_batch(specs: list[Spec], rng: np.random.Generator, size: int = 32) -> torch.Tensor:
+def render_batch(specs: list[Spec], rng: np.random.Generator, size: int = IMAGE_SIZE) -> torch.Tensor:
     """Images of `specs`, (B, 3, size, size) float32 in [0, 1]."""
     return torch.from_numpy(np.stack([render(s, rng, size) for s in specs]))
 
@@ -429,8 +457,8 @@ class Detection:
 
 MIN_COVERAGE = 0.5                 # a pixel belongs to an object when it is at least half the colour
 MAX_RESIDUAL = 0.4                 # max RGB distance to the background-colour segment; rejects odd colours
-MIN_AREA = 8.0                     # soft area (pixels at 32x32) below which a component is noise
-FIT_BLURS = [0.0, 0.4, 0.8, 1.2, 1.6]   # blur widths (pixels) tried when fitting a shape
+MIN_AREA = 10.0                    # soft area (pixels at 48x48) below which a component is noise
+FIT_BLURS = [0.0, 0.4, 0.8, 1.2, 1.6]   # blur widths (pixels at 48x48) tried when fitting a shape
 FIT_DILATE = 2                     # the fit looks this many pixels beyond the component (blur tails)
 SHAPE_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}   # area / side^2
 
@@ -538,7 +566,7 @@ def detect(images: torch.Tensor) -> list[list[Detection]]:
     a, colour, fg = unmix(images)
     labels = label_components(colour, fg).numpy()
     a, colour = a.numpy(), colour.numpy()
-    sigmas = tuple(s * H / 32 for s in FIT_BLURS)
+    sigmas = tuple(s * H / IMAGE_SIZE for s in FIT_BLURS)
     pad = FIT_DILATE + 2          # patch margin: the region, and the shape hypotheses beyond it
     names = list(COLOURS)
     out = []
@@ -559,7 +587,7 @@ def detect(images: torch.Tensor) -> list[list[Detection]]:
             region = dilate(patch, FIT_DILATE) & ~((labels[b][window] >= 0) & ~patch)
             w = np.where(region, a[b, k][window], 0.0).astype(np.float32)       # (h, w)
             area = float(w.sum())
-            if area < MIN_AREA * H * W / 1024:
+            if area < MIN_AREA * H * W / IMAGE_SIZE ** 2:
                 continue
             y = float((w.sum(1) * (np.arange(rows.start, rows.stop) + 0.5)).sum()) / area
             x = float((w.sum(0) * (np.arange(cols.start, cols.stop) + 0.5)).sum()) / area
@@ -591,6 +619,52 @@ def relation_holds(subject: list[Detection], relation: str, obj: list[Detection]
     if relation == "above":
         return max(d.y for d in subject) < min(d.y for d in obj)
     return min(d.y for d in subject) > max(d.y for d in obj)
+
+
+# -----------------------------------------------------------------------------------------------
+# Fidelity: how well an image matches a clean re-render of the scene the detector reads
+#
+# The counting and composition rewards only read what the detector finds, so a blurry image, or one
+# with faint "ghost" objects below the detection threshold, scores as well as a clean one. The
+# fidelity score plays the part of the paper's aesthetic score (Sec. 7, a held-out image-quality
+# measure): it re-renders every detection as a sharp shape (its colour, shape, centroid and area)
+# and measures how much of the image's contrast that clean scene explains.
+
+
+def rerender(detections: list[Detection], size: int = IMAGE_SIZE) -> np.ndarray:
+    """The clean (3, size, size) render of what the detector saw: each detection drawn with its
+    colour and shape at its centroid, with the side that gives its measured area."""
+    placed = []
+    for d in detections:
+        side = float(np.sqrt(d.area / SHAPE_AREA[d.shape]))
+        x0 = float(np.clip(d.x - side / 2, 0, size - side))
+        y0 = float(np.clip(d.y - side * (2 / 3 if d.shape == "triangle" else 1 / 2), 0, size - side))
+        placed.append(Placed(d.colour, d.shape, x0, y0, side, 0))
+    return np.clip(draw(placed, size), 0, 1)          # clip: two detections could overlap
+
+
+def fidelity(images: torch.Tensor) -> torch.Tensor:
+    """1 - |image - rerender|_1 / |rerender - background|_1 per image, clamped to [0, 1]: (B,).
+
+    1 for an image that is exactly a clean scene; blur (contrast spread beyond the shapes' edges),
+    ghosts (contrast no detection explains), noise and wrong shapes all lower it; 0 when nothing is
+    detected. Measured on 100 renders: 0.999 clean, 0.75 blurred by 1 px, 0.96 with one ghost
+    object at 30% opacity, 0.13 with N(0, 0.1^2) noise (L1 counts every grain of noise).
+    """
+    images = torch.as_tensor(images).detach().float().cpu()
+    if images.ndim == 3:
+        images = images[None]
+    found = detect(images)
+    bg = torch.tensor(BACKGROUND).view(3, 1, 1)
+    scores = []
+    for image, detections in zip(images, found):
+        clean = torch.from_numpy(rerender(detections, image.shape[-1]))      # (3, H, W)
+        contrast = float((clean - bg).abs().sum())
+        if not detections or image.shape[-1] != image.shape[-2] or contrast == 0:
+            scores.append(0.0)
+            continue
+        scores.append(max(0.0, 1.0 - float((image - clean).abs().sum()) / contrast))
+    return torch.tensor(scores, dtype=torch.float32)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_counting_reward_is_minus_rss_over_the_prompts_categories():
     for i, s in enumerate(sample("counting", 40, 3)):
         # Draw the first group with delta more objects (fewer when the image is full): RSS = delta^2.
         g, delta = s.groups[0], 1 + i % 2
-        fits = s.n_objects + delta <= T.MAX_OBJECTS and g.count + delta <= 5
+        fits = s.n_objects + delta <= T.MAX_OBJECTS and g.count + delta <= max(T.COUNT_WORDS.values())
         count = g.count + delta if fits else g.count - delta
         if count < 1:
             continue
