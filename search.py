@@ -3,7 +3,7 @@ Inference-time search for flow models: the paper's idea 3 (Rollover Budget Forci
 
 Kim, Yoon, Hwang, Sung 2025, "Inference-Time Scaling for Flow Models via Stochastic Generation and
 Rollover Budget Forcing", arXiv 2503.19385. Section / equation numbers are those of the v5 paper;
-"official code" is github.com/KAIST-Visual-AI-Group/Flow-Inference-Time-Scaling (notes/paper.md 3.x).
+"official code" is github.com/KAIST-Visual-AI-Group/Flow-Inference-Time-Scaling.
 
 Every algorithm is a free function with one signature,
 
@@ -18,7 +18,9 @@ latent (NFE) for each prompt. Methods, with the paper's App. D sizes at 500 NFE 
     smc       Sequential Monte Carlo (DAS, Kim et al. 2025; Eq. 27): N = nfe // num_steps weighted particles
     code      CoDe (Singh et al. 2025): N = 2 chains, K children, argmax every L = 2 steps
     svdd      SVDD-PM (Li et al. 2024): N = 2 chains, K children, argmax every step (beta = 0)
-    rbf       Rollover Budget Forcing (Alg. 2): N = 2 chains, per-step quota, unused NFE roll over
+    rbf       Rollover Budget Forcing (Alg. 2): N = 2 chains, per-step quota, unused NFE roll over;
+              allocation="uniform" (fixed quota, the ablation) or "threshold" (advance at a reward level);
+              rbf_reference is the same algorithm written one chain at a time, next to Alg. 2
     dps       gradient guidance with the tilted score of Eq. 30 (Chung et al. 2023); also svdd+dps, rbf+dps
 
 What all of them share (Sec. 3, 4):
@@ -31,9 +33,16 @@ What all of them share (Sec. 3, 4):
   * The velocity is never evaluated at t_T = 0: the returned sample is x0_hat at t_{T-1}, as in the
     official code (the last Euler-Maruyama step would only add noise). For the linear ODE that is
     exactly the Euler step to t = 0.
+  * Lookahead, one switch (Problem.lookahead): "tweedie" scores x0_hat (Eq. 19, the paper); "ode:K"
+    scores the end point of K Euler steps of the model's own linear ODE from the particle to t = 0,
+    and that end point replaces x0_hat everywhere (also as the returned sample). Its first step is
+    the particle's own model call (one Euler step of the linear ODE to 0 is Tweedie's x0_hat), so a
+    scored particle costs K - 1 extra NFE, counted in the budget; the sizes derived from the budget
+    account for it. Not with gradient guidance (the DPS gradient is that of r(x0_hat), Eq. 30).
   * Every velocity evaluation goes through `_evaluate` (public as `evaluate`), which counts NFE per prompt
     and refuses to exceed the budget (RuntimeError: that would be a bug here). Reward rows and backward
-    rows are counted apart.
+    rows are counted apart, and the wall seconds of velocity calls, reward calls and everything else
+    (SearchResult.seconds), so that methods can be compared at equal wall-clock too.
   * P prompts are searched at once: particles are laid out prompt-major, (P, n) -> (P * n, ...), and
     share velocity calls of at most `max_batch` rows; selection, weights and budget are per prompt.
     All randomness of prompt p comes from its own generator, seeded from `generator` in order, so
@@ -56,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,6 +76,7 @@ import sde
 
 DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
 METHODS = ("none", "bon", "sop", "smc", "code", "svdd", "rbf", "dps", "svdd+dps", "rbf+dps")
+ALLOCATIONS = ("rollover", "uniform", "threshold")  # how rbf spends its budget over the steps
 DPS_BETA = 0.1  # default reward temperature of the guided methods, as App. F.2 (guidance strength 1 / beta)
 
 # -----------------------------------------------------------------------------------------------
@@ -90,10 +101,12 @@ class Problem:
     diffusion: str = "square"  # shape of g(t), an sde.diffusion_coefficient kind (SDE dynamics only)
     diffusion_norm: float = 3.0  # scale of g(t): "square" with 3.0 is the paper's g = 3 t^2 (App. F.1)
     max_batch: int = 256  # at most this many rows per velocity / reward call (memory)
+    lookahead: str = "tweedie"  # value of a particle: "tweedie" (Eq. 19) or "ode:K" (K Euler steps to t = 0)
     dtype: torch.dtype = torch.float32  # dtype of the particles
     device: str = "cpu"  # device of the particles (noise is drawn on the generator's device; only CPU is tested)
     path: sde.Interpolant = field(init=False, repr=False)  # derived: linear or VP path that is sampled
     g: sde.DiffusionCoefficient | None = field(init=False, repr=False)  # derived: None for the ODE
+    lookahead_nfe: int = field(init=False, repr=False)  # derived: extra NFE per scored particle (K - 1, or 0)
 
     def __post_init__(self):
         if not callable(self.velocity) or not callable(self.reward):
@@ -118,6 +131,18 @@ class Problem:
         except ValueError as err:
             raise ValueError(f"Problem.diffusion / Problem.diffusion_norm: {err}") from None
         self.g = None if self.dynamics == "linear-ode" else g
+        self.lookahead_nfe = lookahead_steps(self.lookahead) - 1
+
+
+def lookahead_steps(lookahead: str) -> int:
+    """Euler steps to t = 0 of a lookahead spec: "tweedie" is 1 (x0_hat itself), "ode:K" is K >= 1."""
+    if lookahead == "tweedie":
+        return 1
+    k = lookahead.removeprefix("ode:") if isinstance(lookahead, str) and lookahead.startswith("ode:") else ""
+    if not (k.isdigit() and int(k) >= 1):
+        raise ValueError(f"lookahead must be 'tweedie' or 'ode:K' with an integer K >= 1 (e.g. 'ode:4'), "
+                         f"got {lookahead!r}")
+    return int(k)
 
 
 @dataclass
@@ -146,6 +171,9 @@ class SearchResult:
     trace: list[StepInfo]  # one entry per step, for plots
     method: str  # method name as in METHODS
     knobs: dict  # the resolved knobs (sizes derived from the budget included)
+    # wall seconds of the whole search (all prompts): "velocity" (model calls, forward and backward),
+    # "reward" (reward calls, forward and backward), "other" (the search's own work: the rest)
+    seconds: dict
 
 
 @dataclass
@@ -156,6 +184,7 @@ class Counts:
     nfe_limit: int  # the budget per prompt
     reward_calls: Tensor  # (P,) long, reward rows
     backward_calls: Tensor  # (P,) long, gradient rows
+    seconds: dict = field(default_factory=lambda: {"velocity": 0.0, "reward": 0.0})  # wall time in those calls
 
 
 def new_counts(num_prompts: int, nfe_limit: int) -> Counts:
@@ -213,21 +242,41 @@ def _col(a: Tensor, x: Tensor) -> Tensor:
     return a if a.ndim == 0 else a.view(-1, *[1] * (x.ndim - 1))  # (B, 1, ..., 1)
 
 
-def _path_velocity(problem: Problem, x_t: Tensor, at: _At, prompt: Tensor) -> Tensor:
+def _path_velocity(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor) -> tuple[Tensor, Tensor]:
     """The velocity of the sampled path from one model call: the model's own (linear path), or converted
-    to VP by Eq. 11 with coefficients computed once per grid (the same formula as sde.convert_velocity)."""
+    to VP by Eq. 11 with coefficients computed once per grid (the same formula as sde.convert_velocity).
+    Also returns the model's own velocity u (on the linear path, at its time t_s), for the lookahead."""
     B = x_t.shape[0]
     if at.conv is None:
-        return _checked(problem.velocity(x_t, at.t.expand(B), prompt), x_t)
+        u = _timed_velocity(problem, counts, x_t, at.t.expand(B), prompt)
+        return u, u
     c_s, d_c_s, d_t_s = _col(at.conv.c_s, x_t), _col(at.conv.d_c_s, x_t), _col(at.conv.d_t_s, x_t)
-    u = _checked(problem.velocity(x_t / c_s, at.conv.t_s.expand(B), prompt), x_t)  # at the SNR-matched time
-    return (d_c_s / c_s) * x_t + c_s * d_t_s * u  # Eq. 11
+    u = _timed_velocity(problem, counts, x_t / c_s, at.conv.t_s.expand(B), prompt)  # at the SNR-matched time
+    return (d_c_s / c_s) * x_t + c_s * d_t_s * u, u  # Eq. 11
 
 
-def _checked(u: Tensor, x: Tensor) -> Tensor:
+def _timed_velocity(problem: Problem, counts: Counts, x: Tensor, t: Tensor, prompt: Tensor) -> Tensor:
+    start = time.perf_counter()
+    u = problem.velocity(x, t, prompt)
+    counts.seconds["velocity"] += time.perf_counter() - start
     if u.shape != x.shape:
         raise ValueError(f"Problem.velocity must return the shape of its input {tuple(x.shape)}, got {tuple(u.shape)}")
     return u
+
+
+def _ode_lookahead(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor, u: Tensor) -> Tensor:
+    """Lookahead "ode:K": K Euler steps of the model's own (linear-path) ODE, Eq. 6, from the particle to
+    t = 0 on a uniform grid t_j = t (K - j) / K. The particle is first mapped to the linear path (x / c_s
+    at time t_s, Eq. 10, under vp-sde); step 0 uses the model call `u` already made there, so K = 1 is
+    Tweedie's x0_hat and every further step is one more NFE (counted by the caller). Returns the end point."""
+    K = problem.lookahead_nfe + 1
+    x, t = (x_t, at.t) if at.conv is None else (x_t / _col(at.conv.c_s, x_t), at.conv.t_s)
+    h = _col(t.expand(x.shape[0]) / K, x)  # (B, 1, ..., 1), the step size of every row
+    for j in range(K):
+        if j > 0:
+            u = _timed_velocity(problem, counts, x, (t * (K - j) / K).expand(x.shape[0]), prompt)
+        x = x - h * u
+    return x
 
 
 def _score(problem: Problem, r: Tensor, rows: int) -> None:
@@ -239,15 +288,19 @@ def _score(problem: Problem, r: Tensor, rows: int) -> None:
 
 
 def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor,
-              reward: bool, grad: bool) -> Evaluation:
-    """The one counted evaluation: every velocity call of every algorithm goes through here."""
+              reward: bool, grad: bool, used: Tensor | None = None) -> Evaluation:
+    """The one counted evaluation: every velocity call of every algorithm goes through here. `used`
+    (P,) is the number of rows per prompt, if the caller knows it (else counted from `prompt`)."""
     B = x_t.shape[0]
-    used = torch.bincount(prompt.cpu(), minlength=problem.num_prompts)
-    if torch.any(counts.nfe + used > counts.nfe_limit):
-        raise RuntimeError(f"internal error: {used.tolist()} more NFE would exceed the budget "
+    used = torch.bincount(prompt.cpu(), minlength=problem.num_prompts) if used is None else used
+    scored = reward or grad
+    cost = used * (1 + problem.lookahead_nfe) if scored else used  # a scored row also pays its lookahead
+    if torch.any(counts.nfe + cost > counts.nfe_limit):
+        raise RuntimeError(f"internal error: {cost.tolist()} more NFE would exceed the budget "
                            f"{counts.nfe_limit} (spent {counts.nfe.tolist()})")
-    counts.nfe += used
-    if reward or grad:
+    assert not (grad and problem.lookahead_nfe), "gradient guidance is refused with an ode lookahead"
+    counts.nfe += cost
+    if scored:
         counts.reward_calls += used
     if grad:
         counts.backward_calls += used
@@ -258,14 +311,28 @@ def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Te
         with torch.enable_grad() if grad else contextlib.nullcontext():  # callers run under no_grad
             if grad:
                 x = x.detach().requires_grad_(True)
-            u_t = _path_velocity(problem, x, at_rows, p)
+            u_t, u = _path_velocity(problem, counts, x, at_rows, p)
             x0_hat = sde.x0_hat_from_velocity(u_t, x, at_rows.c)  # Tweedie, in the sampled path's coefficients
-            r = problem.reward(x0_hat, p) if (reward or grad) else None
-            if r is not None:
+            if scored and problem.lookahead_nfe:
+                x0_hat = _ode_lookahead(problem, counts, x, at_rows, p, u)
+            r = None
+            if scored:
+                start = time.perf_counter()
+                r = problem.reward(x0_hat, p)
+                counts.seconds["reward"] += time.perf_counter() - start
                 _score(problem, r, x.shape[0])
-            # autograd.grad (not backward) so that model parameters collect no .grad; rows are
-            # independent, so the gradient of the sum is every row's own gradient
-            d = torch.autograd.grad(r.sum(), x)[0] if grad else None
+            d = None
+            if grad:
+                # autograd.grad (not backward) so that model parameters collect no .grad; rows are
+                # independent, so the gradient of the sum is every row's own gradient. The backward
+                # runs through the reward first: a hook on x0_hat marks where the velocity's part begins.
+                mark = []
+                x0_hat.register_hook(lambda g: mark.append(time.perf_counter()))
+                start = time.perf_counter()
+                d = torch.autograd.grad(r.sum(), x)[0]
+                end = time.perf_counter()
+                counts.seconds["reward"] += mark[0] - start
+                counts.seconds["velocity"] += end - mark[0]
         out.append(Evaluation(u_t.detach(), x0_hat.detach(), None if r is None else r.detach(), d))
     if len(out) == 1:
         return out[0]
@@ -299,9 +366,12 @@ class _Run:
     best: Tensor = None  # (P,) best reward scored so far
     nfe_mark: Tensor = None  # (P,) counts.nfe at the last trace entry
     rows: dict = field(default_factory=dict)  # n -> prompt id of every row of the layout (P, n)
+    used: dict = field(default_factory=dict)  # n -> (P,) rows per prompt of that layout, i.e. n each
+    start: float = 0.0  # time.perf_counter() when the search began
 
 
 def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, method: str, knobs: dict) -> _Run:
+    start = time.perf_counter()
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a search.Problem, got {type(problem).__name__}")
     if not isinstance(generator, torch.Generator):
@@ -319,13 +389,14 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     g = problem.g(ts) if problem.g is not None else torch.zeros_like(ts)
     counts = new_counts(P, nfe)
     return _Run(problem, grid, g, _guidance(grid.c, g), counts, gens, callback, [], torch.full((P,), -math.inf),
-                counts.nfe.clone())
+                counts.nfe.clone(), start=start)
 
 
 def _rows(run: _Run, n: int) -> Tensor:
     """Prompt id of each row of the prompt-major layout (P, n) -> (P * n,)."""
     if n not in run.rows:
         run.rows[n] = torch.arange(run.problem.num_prompts, device=run.problem.device).repeat_interleave(n)
+        run.used[n] = torch.full((run.problem.num_prompts,), n, dtype=torch.long)
     return run.rows[n]
 
 
@@ -338,7 +409,7 @@ def _noise(run: _Run, n: int) -> Tensor:
 
 def _eval(run: _Run, x: Tensor, i: Tensor | int, n: int, reward: bool, grad: bool = False) -> Evaluation:
     """Evaluate the layout (P, n) at grid index i (int, or (B,) per row); tracks the best reward."""
-    ev = _evaluate(run.problem, run.counts, x, run.grid.index(i), _rows(run, n), reward, grad)
+    ev = _evaluate(run.problem, run.counts, x, run.grid.index(i), _rows(run, n), reward, grad, run.used[n])
     if ev.reward is not None:
         run.best = torch.maximum(run.best, ev.reward.view(run.problem.num_prompts, n).amax(1).cpu())
     return ev
@@ -396,8 +467,10 @@ def _result(run: _Run, method: str, knobs: dict, x0: Tensor, r: Tensor, log_w: T
     ar = torch.arange(P)
     c = run.counts
     lw = None if log_w is None else torch.log_softmax(log_w.view(P, -1), 1)
+    wall = time.perf_counter() - run.start
+    seconds = dict(c.seconds) | {"other": max(wall - c.seconds["velocity"] - c.seconds["reward"], 0.0)}
     return SearchResult(x0[ar, best], r[ar, best], c.nfe.clone(), c.reward_calls.clone(), c.backward_calls.clone(),
-                        x0, r, lw, run.trace, method, knobs)
+                        x0, r, lw, run.trace, method, knobs, seconds)
 
 
 # -----------------------------------------------------------------------------------------------
