@@ -9,6 +9,7 @@ nothing in expectation. Repeated searches are run as P independent prompts of on
 
 import dataclasses
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def counting_velocity(num_prompts):
     return v, seen
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(method=st.sampled_from(search.METHODS), steps=st.integers(2, 5), prompts=st.integers(1, 3),
        dynamics=st.sampled_from(search.DYNAMICS), grid=st.sampled_from(["exp", "uniform"]),
        n=st.integers(1, 3), k=st.integers(1, 3), extra=st.integers(0, 60), data=st.data())
@@ -205,12 +206,18 @@ def test_no_method_ever_exceeds_its_budget(method, steps, prompts, dynamics, gri
     knobs = {"none": {}, "bon": {"n": n}, "smc": {"n": n, "ess_threshold": data.draw(st.sampled_from([0.0, 0.5, 1.0]))},
              "sop": {"n": n, "k": k, "ode_steps": data.draw(st.sampled_from([None, 1, 2]))},
              "code": {"n": n, "k": k, "block": data.draw(st.integers(1, 3))}, "svdd": {"n": n},
-             "rbf": {"n": n, "init_particles": data.draw(st.sampled_from([None, 1, 3]))}, "dps": {"n": n},
+             "rbf": {"n": n, "init_particles": data.draw(st.sampled_from([None, 1, 3])),
+                     "allocation": data.draw(st.sampled_from(search.ALLOCATIONS))}, "dps": {"n": n},
              "svdd+dps": {"n": n, "k": k}, "rbf+dps": {"n": n, "rollover": data.draw(st.booleans())}}[method]
+    if knobs.get("allocation") == "threshold":
+        knobs["threshold"] = data.draw(st.sampled_from([-1.0, 0.5, 2.0]))
     if data.draw(st.booleans()):  # sometimes leave the sizes to the budget
         knobs.pop("n", None), knobs.pop("k", None)
+    # an ode:K lookahead costs K - 1 NFE per scored particle; gradient guidance refuses it
+    lookahead = "tweedie" if method.endswith("dps") else data.draw(st.sampled_from(["tweedie", "ode:2", "ode:3"]))
     v, seen = counting_velocity(prompts)
-    pb = problem(velocity=v, num_prompts=prompts, num_steps=steps, dynamics=dynamics, time_grid=grid, max_batch=7)
+    pb = problem(velocity=v, num_prompts=prompts, num_steps=steps, dynamics=dynamics, time_grid=grid, max_batch=7,
+                 lookahead=lookahead)
     need = search.min_nfe(method, pb, **knobs)
     nfe = need + extra
     res = search.run(method, pb, nfe, generator=gen(extra), **knobs)
@@ -363,3 +370,109 @@ def test_seeded_rbf_is_pinned_bit_for_bit_with_its_trace():
     assert torch.equal(res.x0.flatten(), torch.tensor(expect)), res.x0.flatten().tolist()
     assert [s.nfe.tolist() for s in res.trace] == [[20, 20, 20], [6, 6, 2], [2, 2, 5], [4, 2, 3], [5, 5, 4],
                                                    [5, 4, 3], [3, 5, 2], [3, 2, 2], [2, 2, 2], [150, 152, 157]]
+
+
+# -----------------------------------------------------------------------------------------------
+# Alg. 2 one chain at a time (rbf_reference) against the batched rbf; the allocation knob
+
+
+class ChainScripts:
+    """A reward that gives every chain its own scripted sequence of small integers, whatever the order
+    of the calls. With a zero velocity and the linear ODE every candidate of a chain stays at the
+    chain's initial noise (x0_hat = x up to rounding), so the nearest initial noise seen so far names
+    the sequence; a row far from all of them is a new initial noise and opens the next sequence,
+    whose first value is its own reward at t = 1. Ties are frequent, which tests the strict `>`."""
+
+    def __init__(self, seed: int, high: int = 4):
+        self.seed, self.high, self.points, self.pos = seed, high, [], []
+
+    def value(self, k: int, j: int) -> int:
+        return random.Random(self.seed * 100_003 + k * 1009 + j).randint(0, self.high)
+
+    def __call__(self, x0, prompt):
+        out = []
+        for row in x0:
+            dist = [float((row - q).abs().max()) for q in self.points]
+            if not dist or min(dist) > 1e-6:
+                self.points.append(row.clone())
+                self.pos.append(0)
+            k = len(self.points) - 1 if not dist or min(dist) > 1e-6 else dist.index(min(dist))
+            out.append(self.value(k, self.pos[k]))
+            self.pos[k] += 1
+        return torch.tensor(out, dtype=x0.dtype)
+
+
+def assert_same_search(a, b):
+    assert [s.nfe.tolist() for s in a.trace] == [s.nfe.tolist() for s in b.trace]
+    assert [s.step for s in a.trace] == [s.step for s in b.trace]
+    assert torch.equal(a.reward, b.reward) and torch.equal(a.particle_rewards, b.particle_rewards)
+    assert torch.equal(a.nfe_used, b.nfe_used) and torch.equal(a.reward_calls, b.reward_calls)
+    assert a.knobs == b.knobs and a.method == b.method
+    torch.testing.assert_close(a.x0, b.x0, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.integers(2, 6), n=st.integers(1, 3), prompts=st.integers(1, 2), init=st.sampled_from([None, 1, 2, 3]),
+       extra=st.integers(0, 40), rollover=st.booleans(), allocation=st.sampled_from(search.ALLOCATIONS),
+       threshold=st.sampled_from([0.0, 2.0, 3.0, 3.5, 4.0]), lookahead=st.sampled_from(["tweedie", "ode:2"]),
+       seed=st.integers(0, 10**6))
+def test_rbf_reference_is_the_batched_rbf_on_scripted_rewards(steps, n, prompts, init, extra, rollover, allocation,
+                                                              threshold, lookahead, seed):
+    knobs = {"n": n, "init_particles": init, "rollover": rollover, "allocation": allocation,
+             "threshold": threshold if allocation == "threshold" else None}
+
+    def pb(scripts):
+        return problem(velocity=lambda x, t, p: torch.zeros_like(x), reward=scripts, dynamics="linear-ode",
+                       num_steps=steps, num_prompts=prompts, dtype=torch.float64, lookahead=lookahead, max_batch=4)
+
+    nfe = search.min_nfe("rbf", pb(ChainScripts(0)), **knobs) + extra
+    batched = search.rbf(pb(ChainScripts(seed)), nfe, generator=gen(seed), **knobs)
+    reference = search.rbf_reference(pb(ChainScripts(seed)), nfe, generator=gen(seed), **knobs)
+    assert_same_search(batched, reference)
+    assert torch.all(batched.nfe_used <= nfe)
+    if allocation != "threshold":  # only the threshold ends a chain early; the others spend the budget
+        assert torch.all(batched.nfe_used > nfe - n * (1 + (lookahead != "tweedie")))
+
+
+@pytest.mark.parametrize("method, dynamics, knobs", [
+    ("rbf", "vp-sde", {}), ("rbf", "linear-sde", {"allocation": "uniform", "n": 3}),
+    ("rbf", "vp-sde", {"allocation": "threshold", "threshold": 1.4, "rollover": False}),
+    ("rbf+dps", "vp-sde", {"init_particles": 2})])
+def test_rbf_reference_is_the_batched_rbf_on_the_mixture(method, dynamics, knobs):
+    # The real dynamics: the same noise reaches the same candidate (row c of the prompt's j-th draw).
+    pb = problem(num_prompts=3, dynamics=dynamics, dtype=torch.float64)
+    a = search.run(method, pb, 90, generator=gen(23), **knobs)
+    b = search.rbf_reference(pb, 90, generator=gen(23), **knobs | ({"dps_beta": search.DPS_BETA} if "dps" in method else {}))
+    assert_same_search(a, b)
+
+
+# One chain, T = 5 (stages 0-3 draw candidates at grid 1-4), one initial noise (reward 0), 21 NFE: quota 5.
+UNIFORM_SCRIPT = [0] + [-1, -1, 5, 0, 0] + [-3, -1, -2, -4, -5] + [4, 6, 0, 0, 0] + [1, 9, 2, 3, 0, 0]
+THRESHOLD_SCRIPT = [0] + [-1, -1, 5] + [-3, -1, -2, -4, 5] + [4, 4, 4, 4, 6] + [9] + [0] * 5
+
+
+@pytest.mark.parametrize("allocation, values, expect, nfe_used", [
+    # uniform: every stage draws exactly its 5 whatever it finds, the last one the remaining 6
+    ("uniform", UNIFORM_SCRIPT, [1, 5, 5, 5, 5], 21),
+    # threshold 5: stage 0 reaches 5 at its 3rd draw (>=: "reaches") and rolls 2 over; stage 1 passes
+    # at its 5th of 7 and rolls 2 over again; stage 2 at its 5th of 7; at the last stage the first
+    # candidate (9) passes and ends the chain: 6 NFE of the budget are never spent
+    ("threshold", THRESHOLD_SCRIPT, [1, 3, 5, 5, 1], 15)])
+def test_uniform_spends_each_quota_and_threshold_advances_at_its_level(allocation, values, expect, nfe_used):
+    pb = problem(reward=scripted(values), num_steps=5, dynamics="linear-sde")
+    knobs = {"allocation": allocation} | ({"threshold": 5.0} if allocation == "threshold" else {})
+    res = search.rbf(pb, 21, generator=gen(9), n=1, init_particles=1, **knobs)
+    assert [int(s.nfe) for s in res.trace] == expect
+    assert float(res.reward) == 9 and int(res.nfe_used) == nfe_used
+
+
+def test_allocation_errors_are_value_errors():
+    pb = problem()
+    with pytest.raises(ValueError, match="allocation must be one of rollover, uniform, threshold"):
+        search.run("rbf", pb, 100, generator=gen(0), allocation="greedy")
+    with pytest.raises(ValueError, match="needs threshold="):
+        search.run("rbf", pb, 100, generator=gen(0), allocation="threshold")
+    with pytest.raises(ValueError, match="only used with allocation='threshold'"):
+        search.run("rbf+dps", pb, 100, generator=gen(0), threshold=1.0)
+    with pytest.raises(ValueError, match="unknown knob"):
+        search.run("svdd", pb, 100, generator=gen(0), allocation="uniform")
