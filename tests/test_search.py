@@ -11,6 +11,7 @@ import dataclasses
 import math
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -476,3 +477,93 @@ def test_allocation_errors_are_value_errors():
         search.run("rbf+dps", pb, 100, generator=gen(0), threshold=1.0)
     with pytest.raises(ValueError, match="unknown knob"):
         search.run("svdd", pb, 100, generator=gen(0), allocation="uniform")
+
+
+# -----------------------------------------------------------------------------------------------
+# Lookahead: Tweedie (Eq. 19) or K Euler steps of the model's own ODE to t = 0
+
+
+def exact_ode_end_point(x, t):
+    """The linear-path ODE of the mixture from (x, t) to t = 0 by RK4 with 2000 steps (float64; the
+    exact end point up to ~1e-12)."""
+    h = t / 2000
+    for j in range(2000):
+        s = t - j * h
+        k1 = FLOW.velocity(x, s)
+        k2 = FLOW.velocity(x - 0.5 * h[:, None] * k1, s - 0.5 * h)
+        k3 = FLOW.velocity(x - 0.5 * h[:, None] * k2, s - 0.5 * h)
+        k4 = FLOW.velocity(x - h[:, None] * k3, s - h)
+        x = x - h[:, None] * (k1 + 2 * k2 + 2 * k3 + k4) / 6
+    return x
+
+
+@pytest.mark.parametrize("dynamics", ["linear-sde", "vp-sde"])
+def test_ode_lookahead_converges_to_the_exact_ode_end_point(dynamics):
+    # Particles on the sampled path; under vp-sde the model's own ODE starts at x / c_s, time t_s (Eq. 10).
+    f64 = torch.float64
+    x = 1.5 * torch.randn(6, 2, generator=gen(24), dtype=f64)
+    t = torch.tensor([0.95, 0.8, 0.6, 0.45, 0.3, 0.1], dtype=f64)
+    if dynamics == "vp-sde":
+        conv = sde.conversion_coeffs(t, sde.LinearInterpolant(), sde.VPInterpolant())
+        exact = exact_ode_end_point(x / conv.c_s[:, None], conv.t_s)
+    else:
+        exact = exact_ode_end_point(x, t)
+    prompt = torch.zeros(6, dtype=torch.long)
+    errors = []
+    for K in (1, 4, 16, 64):
+        pb = problem(dynamics=dynamics, dtype=f64, lookahead=f"ode:{K}")
+        counts = search.new_counts(1, 10**4)
+        ev = search.evaluate(pb, counts, x, t, prompt)
+        assert counts.nfe.tolist() == [6 * K], "K Euler steps: the particle's own call and K - 1 more"
+        errors.append(float((ev.x0_hat - exact).abs().max()))
+        torch.testing.assert_close(ev.reward, ev.x0_hat @ A.double(), rtol=0, atol=1e-12)  # the end point is scored
+    tweedie = search.evaluate(problem(dynamics=dynamics, dtype=f64), search.new_counts(1, 6), x, t, prompt).x0_hat
+    ode_1 = search.evaluate(problem(dynamics=dynamics, dtype=f64, lookahead="ode:1"), search.new_counts(1, 6),
+                            x, t, prompt).x0_hat
+    torch.testing.assert_close(ode_1, tweedie, rtol=1e-9, atol=1e-9)  # one Euler step of the linear ODE = x0_hat
+    assert errors[0] > errors[1] > errors[2] > errors[3] and errors[3] < 0.05, errors
+    assert errors[3] < errors[1] / 8, f"Euler converges at first order: {errors}"
+
+
+def test_ode_lookahead_is_paid_from_the_budget_and_returns_end_points():
+    v, seen = counting_velocity(2)
+    pb = problem(velocity=v, num_prompts=2, lookahead="ode:4")
+    sizes = {m: search.run(m, pb, 400, generator=gen(25)) for m in ("bon", "smc", "svdd", "code", "rbf", "sop")}
+    assert sizes["bon"].knobs["n"] == 400 // 13 and sizes["smc"].knobs["n"] == 400 // 40
+    assert sizes["rbf"].knobs["init_particles"] == 5 and sizes["rbf"].knobs["quota"] == (400 - 40) // (2 * 9 * 4)
+    assert sizes["svdd"].knobs["k"] == (400 - 2) // (2 * 9 * 4) and sizes["code"].knobs["k"] == (400 - 2) // (2 * 24)
+    for res in sizes.values():
+        assert torch.all(res.nfe_used <= 400) and torch.all(res.nfe_used > 400 * 0.8), (res.method, res.nfe_used)
+        assert torch.equal(res.reward, reward(res.x0, None)), "the returned sample is the scored end point"
+    assert torch.equal(sum(r.nfe_used for r in sizes.values()), seen)
+    with pytest.raises(ValueError, match="lookahead"):
+        search.run("rbf+dps", pb, 400, generator=gen(0))
+    for bad in ("ode:0", "ode", "euler:3", "ode:2.5"):
+        with pytest.raises(ValueError, match="'tweedie' or 'ode:K'"):
+            problem(lookahead=bad)
+
+
+def test_seconds_split_the_wall_time():
+    # A velocity of >= 2 ms and a reward of >= 1 ms per call: the split must see at least that much
+    # in each, and the three parts add up to the wall time measured around the call.
+    calls = {"velocity": 0, "reward": 0}
+
+    def slow_velocity(x, t, p):
+        calls["velocity"] += 1
+        time.sleep(0.002)
+        return FLOW.velocity(x, t)
+
+    def slow_reward(x0, p):
+        calls["reward"] += 1
+        time.sleep(0.001)
+        return x0 @ A.to(x0)
+
+    for method in ("rbf", "rbf+dps", "smc"):
+        calls.update(velocity=0, reward=0)
+        start = time.perf_counter()
+        res = search.run(method, problem(velocity=slow_velocity, reward=slow_reward), 40, generator=gen(26))
+        wall = time.perf_counter() - start
+        assert set(res.seconds) == {"velocity", "reward", "other"}
+        assert res.seconds["velocity"] >= 0.002 * calls["velocity"] and res.seconds["reward"] >= 0.001 * calls["reward"]
+        assert res.seconds["other"] >= 0 and sum(res.seconds.values()) <= wall
+        assert sum(res.seconds.values()) > 0.9 * wall, (res.seconds, wall)
