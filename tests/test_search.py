@@ -567,3 +567,36 @@ def test_seconds_split_the_wall_time():
         assert res.seconds["velocity"] >= 0.002 * calls["velocity"] and res.seconds["reward"] >= 0.001 * calls["reward"]
         assert res.seconds["other"] >= 0 and sum(res.seconds.values()) <= wall
         assert sum(res.seconds.values()) > 0.9 * wall, (res.seconds, wall)
+
+
+# -----------------------------------------------------------------------------------------------
+# The knobs on the command line (checked before any model is loaded)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "one red circle", "--allocation", "greedy"], "--allocation must be one of"),
+    (["generate", "--prompt", "one red circle", "--lookahead", "ode:0"], "'tweedie' or 'ode:K'"),
+    (["generate", "--prompt", "one red circle", "--allocation", "threshold"], "needs --threshold"),
+    (["bench", "--quick", "--lookahead", "euler"], "'tweedie' or 'ode:K'"),
+    (["bench", "--quick", "--threshold", "0.5"], "needs --threshold")])
+def test_cli_rejects_bad_knobs_with_one_line_and_exit_code_2(argv, message, capsys, tmp_path):
+    import flowscale
+
+    assert flowscale.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_bench_passes_the_knobs_to_rbf_only():
+    import bench
+    import flowscale
+
+    args = flowscale.build_parser().parse_args(["bench", "--quick", "--methods", "bon,rbf", "--dynamics", "vp-sde,linear-ode",
+                                                "--allocation", "uniform", "--lookahead", "ode:3", "--nfe", "40,60"])
+    cfg = bench.config_from_args(args)
+    assert cfg.lookahead == "ode:3" and bench.knobs_of(cfg, "rbf") == {"allocation": "uniform"}
+    assert bench.knobs_of(cfg, "bon") == {}
+    units, notes = bench.plan(cfg)
+    # with ode:3 an rbf candidate costs 3 NFE: the smallest budget is 2 * (1 + 9) * 3 = 60
+    assert {(u.method, u.nfe) for u in units} == {("bon", 40), ("bon", 60), ("rbf", 60)}
+    assert any("rbf vp-sde NFE 40: below its minimum budget of 60" in n for n in notes)
