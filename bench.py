@@ -98,6 +98,8 @@ class BenchConfig:
     diversity_samples: int  # M samples branched from one x_t
     diversity_prompts: int  # first prompts used for the diversity measurement
     diversity_step: int  # grid index of the shared x_t (3 of 10 steps)
+    lookahead: str = "tweedie"  # search.Problem.lookahead of every search
+    rbf_knobs: dict = field(default_factory=dict)  # --allocation / --threshold, for rbf and rbf+dps only
 
 
 @dataclass
@@ -162,7 +164,8 @@ def config_from_args(args) -> BenchConfig:
                        prompts=load_prompts(str(pick("prompts")), args.task, args.prompt_seed), seeds=pick("seeds"),
                        steps=args.steps, batch=args.batch, out=Path(args.out), model=args.model, height=args.height,
                        width=args.width, diversity_samples=pick("diversity_samples"),
-                       diversity_prompts=pick("diversity_prompts"), diversity_step=max(1, round(0.3 * args.steps)))
+                       diversity_prompts=pick("diversity_prompts"), diversity_step=max(1, round(0.3 * args.steps)),
+                       lookahead=args.lookahead, rbf_knobs=F.search_knobs(args))
 
 
 def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
@@ -182,8 +185,11 @@ def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
                 continue
             # the budget floor depends only on the method, its default knobs and num_steps
             dummy = search.Problem(velocity=lambda x, t, p: x, reward=lambda x, p: x.sum(1), shape=(1,),
-                                   dynamics=dynamics, num_steps=cfg.steps)
-            need = search.min_nfe(method, dummy)
+                                   dynamics=dynamics, num_steps=cfg.steps, lookahead=cfg.lookahead)
+            if method.endswith("dps") and cfg.lookahead != "tweedie":
+                notes.append(f"{method} {dynamics}: gradient guidance does not run with lookahead {cfg.lookahead}")
+                continue
+            need = search.min_nfe(method, dummy, **knobs_of(cfg, method))
             budgets = [cfg.steps] if method == "none" else cfg.nfe
             for nfe in budgets:
                 if nfe < need:
@@ -197,6 +203,10 @@ def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
     order = {m: i for i, m in enumerate(F.METHODS)}
     units.sort(key=lambda u: (u.nfe, order[u.method], F.DYNAMICS.index(u.dynamics), u.seed, u.chunk))
     return units, notes
+
+
+def knobs_of(cfg: BenchConfig, method: str) -> dict:
+    return cfg.rbf_knobs if method in ("rbf", "rbf+dps") else {}
 
 
 def unit_keys(cfg: BenchConfig, unit: Unit) -> list[tuple[str, ...]]:
@@ -267,7 +277,8 @@ def chunk_seed(seed: int, chunk: int) -> int:
 def run_unit(pipe: F.Pipeline, cfg: BenchConfig, unit: Unit) -> UnitOutput:
     prompts = [cfg.prompts[i] for i in unit.prompt_ids]
     gen = F.generate(pipe, prompts, method=unit.method, dynamics=unit.dynamics, nfe=unit.nfe, num_steps=cfg.steps,
-                     reward=cfg.reward, seed=chunk_seed(unit.seed, unit.chunk))
+                     reward=cfg.reward, seed=chunk_seed(unit.seed, unit.chunk), lookahead=cfg.lookahead,
+                     **knobs_of(cfg, unit.method))
     rows = []
     for j, (key, i) in enumerate(zip(unit_keys(cfg, unit), unit.prompt_ids)):
         metrics = gen.metrics[j] if gen.metrics else {}
@@ -712,6 +723,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=1024, help="image height (real FLUX.1 only)")
     parser.add_argument("--width", type=int, default=1024, help="image width (real FLUX.1 only)")
     parser.add_argument("--out", default="out/bench", help="output folder; an existing one is resumed")
+    F.add_search_arguments(parser)
 
 
 def pending_units(cfg: BenchConfig, units: list[Unit]) -> list[Unit]:
@@ -720,8 +732,13 @@ def pending_units(cfg: BenchConfig, units: list[Unit]) -> list[Unit]:
     if meta.is_file() and json.loads(meta.read_text())["model"] != model_name(cfg):
         raise ValueError(f"{cfg.out} holds results of the model {json.loads(meta.read_text())['model']}; "
                          f"use another --out for {model_name(cfg)}")
+    # the rows do not name these settings: a folder holds the results of one of them only
+    settings = {"lookahead": cfg.lookahead} | cfg.rbf_knobs
+    old = json.loads(meta.read_text()).get("settings", {"lookahead": "tweedie"}) if meta.is_file() else settings
+    if old != settings:
+        raise ValueError(f"{cfg.out} holds results with {old}; use another --out for {settings}")
     (cfg.out / "images").mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps({"model": model_name(cfg)}) + "\n")
+    meta.write_text(json.dumps({"model": model_name(cfg), "settings": settings}) + "\n")
     done = {row_key(r) for r in read_rows(cfg.out / "results.csv")}
     return [u for u in units if not all(k in done for k in unit_keys(cfg, u))]
 

@@ -179,7 +179,7 @@ def decode(pipe: Pipeline, z: torch.Tensor) -> torch.Tensor:
 
 
 def make_problem(pipe: Pipeline, cond: Conditioning, reward, *, dynamics: str = "vp-sde",
-                 num_steps: int = 10, max_batch: int = 64) -> search.Problem:
+                 num_steps: int = 10, max_batch: int = 64, lookahead: str = "tweedie") -> search.Problem:
     """The search problem of P prompts: the counted velocity and reward(decode(x0_hat))."""
     prompts = cond.prompts
 
@@ -189,7 +189,7 @@ def make_problem(pipe: Pipeline, cond: Conditioning, reward, *, dynamics: str = 
     return search.Problem(velocity=make_velocity(pipe, cond), reward=reward_fn, reward_name=reward.name,
                           differentiable=reward.differentiable, shape=pipe.latent_shape,
                           num_prompts=len(prompts), dynamics=dynamics, num_steps=num_steps,
-                          max_batch=max_batch)
+                          max_batch=max_batch, lookahead=lookahead)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -236,12 +236,13 @@ def heldout_metrics(images: torch.Tensor, prompts: list[str], counter: R.Learned
 
 def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamics: str = "vp-sde",
              nfe: int = 200, num_steps: int = 10, reward: str | R.Reward = "counting", seed: int = 0,
-             callback=None, progress: bool = False, **knobs) -> Generation:
+             callback=None, progress: bool = False, lookahead: str = "tweedie", **knobs) -> Generation:
     """Run one search method for each prompt with a budget of `nfe` velocity evaluations per prompt.
 
     reward is a name of rewards.get_reward (the shape-world ones need no files) or a reward object
     (e.g. rewards.get_reward("aesthetic", weights=..., clip=...) for real images). `callback`
     receives search.StepInfo after every step; `progress` shows a tqdm bar of the NFE spent.
+    `lookahead` is search.Problem's ("tweedie" or "ode:K"); knobs go to the method (e.g. allocation).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -249,7 +250,7 @@ def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamic
         raise ValueError(f"unknown dynamics {dynamics!r}; choose one of {', '.join(DYNAMICS)}")
     reward_fn = R.get_reward(reward) if isinstance(reward, str) else reward
     cond = encode_prompts(pipe, prompts)
-    problem = make_problem(pipe, cond, reward_fn, dynamics=dynamics, num_steps=num_steps)
+    problem = make_problem(pipe, cond, reward_fn, dynamics=dynamics, num_steps=num_steps, lookahead=lookahead)
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(total=nfe * len(prompts), desc=f"{method} {dynamics}", unit="NFE", disable=not progress,
                dynamic_ncols=True, leave=False)
@@ -382,17 +383,40 @@ def cmd_generate(args) -> None:
     # Real-image rewards read their files here (the aesthetic head, a full CLIP ViT-L/14 folder),
     # before the model: a missing file should not cost the minutes of loading FLUX.1 first.
     reward = R.get_reward(args.reward, weights=args.reward_weights, clip=args.clip)
+    knobs = search_knobs(args)  # a bad --allocation / --lookahead fails here, before the model loads
     pipe = load_pipeline(args.model, height=args.height, width=args.width)
-    knobs = {} if args.dps_beta is None else {"dps_beta": args.dps_beta}
+    if args.dps_beta is not None:
+        knobs["dps_beta"] = args.dps_beta
     gen = generate(pipe, [args.prompt], method=args.method, dynamics=args.dynamics, nfe=args.nfe,
-                   num_steps=args.steps, reward=reward, seed=args.seed, progress=True, **knobs)
+                   num_steps=args.steps, reward=reward, seed=args.seed, progress=True, lookahead=args.lookahead,
+                   **knobs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_png(gen.images[0], out / "image.png", scale=8 if pipe.shape_world else 1)
     record = generation_record(gen, 0, steps=args.steps, reward_name=args.reward, seed=args.seed,
-                               model=pipe.name)
+                               model=pipe.name, lookahead=args.lookahead, **knobs)
     (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
+
+
+def search_knobs(args) -> dict:
+    """The rbf knobs of --allocation / --threshold (none unless given), after checking them and --lookahead."""
+    search.lookahead_steps(args.lookahead)
+    if args.allocation is not None and args.allocation not in search.ALLOCATIONS:
+        raise ValueError(f"--allocation must be one of {', '.join(search.ALLOCATIONS)}, got {args.allocation!r}")
+    if (args.allocation == "threshold") != (args.threshold is not None):
+        raise ValueError("--allocation threshold needs --threshold <reward level>, and only it takes one")
+    return ({} if args.allocation is None else {"allocation": args.allocation}) | \
+        ({} if args.threshold is None else {"threshold": args.threshold})
+
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    """--allocation, --threshold, --lookahead (shared by generate and bench)."""
+    p.add_argument("--allocation", default=None,
+                   help="rbf / rbf+dps budget allocation: " + " | ".join(search.ALLOCATIONS) + " [rollover, Alg. 2]")
+    p.add_argument("--threshold", type=float, default=None, help="reward level of --allocation threshold")
+    p.add_argument("--lookahead", default="tweedie",
+                   help="value of a particle: tweedie (x0_hat, Eq. 19) | ode:K (K Euler steps to t = 0, K - 1 more NFE)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "model.safetensors, vocab.json, merges.txt)")
     gen.add_argument("--dps-beta", type=float, default=None,
                      help="reward temperature of the +dps methods (guidance strength 1/beta; default search.DPS_BETA)")
+    add_search_arguments(gen)
     gen.add_argument("--out", default="out/generate")
 
     import bench  # the benchmark harness imports this module, so it is imported here, not at the top

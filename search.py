@@ -3,7 +3,7 @@ Inference-time search for flow models: the paper's idea 3 (Rollover Budget Forci
 
 Kim, Yoon, Hwang, Sung 2025, "Inference-Time Scaling for Flow Models via Stochastic Generation and
 Rollover Budget Forcing", arXiv 2503.19385. Section / equation numbers are those of the v5 paper;
-"official code" is github.com/KAIST-Visual-AI-Group/Flow-Inference-Time-Scaling (notes/paper.md 3.x).
+"official code" is github.com/KAIST-Visual-AI-Group/Flow-Inference-Time-Scaling.
 
 Every algorithm is a free function with one signature,
 
@@ -18,7 +18,9 @@ latent (NFE) for each prompt. Methods, with the paper's App. D sizes at 500 NFE 
     smc       Sequential Monte Carlo (DAS, Kim et al. 2025; Eq. 27): N = nfe // num_steps weighted particles
     code      CoDe (Singh et al. 2025): N = 2 chains, K children, argmax every L = 2 steps
     svdd      SVDD-PM (Li et al. 2024): N = 2 chains, K children, argmax every step (beta = 0)
-    rbf       Rollover Budget Forcing (Alg. 2): N = 2 chains, per-step quota, unused NFE roll over
+    rbf       Rollover Budget Forcing (Alg. 2): N = 2 chains, per-step quota, unused NFE roll over;
+              allocation="uniform" (fixed quota, the ablation) or "threshold" (advance at a reward level);
+              rbf_reference is the same algorithm written one chain at a time, next to Alg. 2
     dps       gradient guidance with the tilted score of Eq. 30 (Chung et al. 2023); also svdd+dps, rbf+dps
 
 What all of them share (Sec. 3, 4):
@@ -31,9 +33,16 @@ What all of them share (Sec. 3, 4):
   * The velocity is never evaluated at t_T = 0: the returned sample is x0_hat at t_{T-1}, as in the
     official code (the last Euler-Maruyama step would only add noise). For the linear ODE that is
     exactly the Euler step to t = 0.
+  * Lookahead, one switch (Problem.lookahead): "tweedie" scores x0_hat (Eq. 19, the paper); "ode:K"
+    scores the end point of K Euler steps of the model's own linear ODE from the particle to t = 0,
+    and that end point replaces x0_hat everywhere (also as the returned sample). Its first step is
+    the particle's own model call (one Euler step of the linear ODE to 0 is Tweedie's x0_hat), so a
+    scored particle costs K - 1 extra NFE, counted in the budget; the sizes derived from the budget
+    account for it. Not with gradient guidance (the DPS gradient is that of r(x0_hat), Eq. 30).
   * Every velocity evaluation goes through `_evaluate` (public as `evaluate`), which counts NFE per prompt
     and refuses to exceed the budget (RuntimeError: that would be a bug here). Reward rows and backward
-    rows are counted apart.
+    rows are counted apart, and the wall seconds of velocity calls, reward calls and everything else
+    (SearchResult.seconds), so that methods can be compared at equal wall-clock too.
   * P prompts are searched at once: particles are laid out prompt-major, (P, n) -> (P * n, ...), and
     share velocity calls of at most `max_batch` rows; selection, weights and budget are per prompt.
     All randomness of prompt p comes from its own generator, seeded from `generator` in order, so
@@ -56,6 +65,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,6 +76,7 @@ import sde
 
 DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
 METHODS = ("none", "bon", "sop", "smc", "code", "svdd", "rbf", "dps", "svdd+dps", "rbf+dps")
+ALLOCATIONS = ("rollover", "uniform", "threshold")  # how rbf spends its budget over the steps
 DPS_BETA = 0.1  # default reward temperature of the guided methods, as App. F.2 (guidance strength 1 / beta)
 
 # -----------------------------------------------------------------------------------------------
@@ -90,10 +101,12 @@ class Problem:
     diffusion: str = "square"  # shape of g(t), an sde.diffusion_coefficient kind (SDE dynamics only)
     diffusion_norm: float = 3.0  # scale of g(t): "square" with 3.0 is the paper's g = 3 t^2 (App. F.1)
     max_batch: int = 256  # at most this many rows per velocity / reward call (memory)
+    lookahead: str = "tweedie"  # value of a particle: "tweedie" (Eq. 19) or "ode:K" (K Euler steps to t = 0)
     dtype: torch.dtype = torch.float32  # dtype of the particles
     device: str = "cpu"  # device of the particles (noise is drawn on the generator's device; only CPU is tested)
     path: sde.Interpolant = field(init=False, repr=False)  # derived: linear or VP path that is sampled
     g: sde.DiffusionCoefficient | None = field(init=False, repr=False)  # derived: None for the ODE
+    lookahead_nfe: int = field(init=False, repr=False)  # derived: extra NFE per scored particle (K - 1, or 0)
 
     def __post_init__(self):
         if not callable(self.velocity) or not callable(self.reward):
@@ -118,6 +131,18 @@ class Problem:
         except ValueError as err:
             raise ValueError(f"Problem.diffusion / Problem.diffusion_norm: {err}") from None
         self.g = None if self.dynamics == "linear-ode" else g
+        self.lookahead_nfe = lookahead_steps(self.lookahead) - 1
+
+
+def lookahead_steps(lookahead: str) -> int:
+    """Euler steps to t = 0 of a lookahead spec: "tweedie" is 1 (x0_hat itself), "ode:K" is K >= 1."""
+    if lookahead == "tweedie":
+        return 1
+    k = lookahead.removeprefix("ode:") if isinstance(lookahead, str) and lookahead.startswith("ode:") else ""
+    if not (k.isdigit() and int(k) >= 1):
+        raise ValueError(f"lookahead must be 'tweedie' or 'ode:K' with an integer K >= 1 (e.g. 'ode:4'), "
+                         f"got {lookahead!r}")
+    return int(k)
 
 
 @dataclass
@@ -146,6 +171,9 @@ class SearchResult:
     trace: list[StepInfo]  # one entry per step, for plots
     method: str  # method name as in METHODS
     knobs: dict  # the resolved knobs (sizes derived from the budget included)
+    # wall seconds of the whole search (all prompts): "velocity" (model calls, forward and backward),
+    # "reward" (reward calls, forward and backward), "other" (the search's own work: the rest)
+    seconds: dict
 
 
 @dataclass
@@ -156,6 +184,7 @@ class Counts:
     nfe_limit: int  # the budget per prompt
     reward_calls: Tensor  # (P,) long, reward rows
     backward_calls: Tensor  # (P,) long, gradient rows
+    seconds: dict = field(default_factory=lambda: {"velocity": 0.0, "reward": 0.0})  # wall time in those calls
 
 
 def new_counts(num_prompts: int, nfe_limit: int) -> Counts:
@@ -213,21 +242,41 @@ def _col(a: Tensor, x: Tensor) -> Tensor:
     return a if a.ndim == 0 else a.view(-1, *[1] * (x.ndim - 1))  # (B, 1, ..., 1)
 
 
-def _path_velocity(problem: Problem, x_t: Tensor, at: _At, prompt: Tensor) -> Tensor:
+def _path_velocity(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor) -> tuple[Tensor, Tensor]:
     """The velocity of the sampled path from one model call: the model's own (linear path), or converted
-    to VP by Eq. 11 with coefficients computed once per grid (the same formula as sde.convert_velocity)."""
+    to VP by Eq. 11 with coefficients computed once per grid (the same formula as sde.convert_velocity).
+    Also returns the model's own velocity u (on the linear path, at its time t_s), for the lookahead."""
     B = x_t.shape[0]
     if at.conv is None:
-        return _checked(problem.velocity(x_t, at.t.expand(B), prompt), x_t)
+        u = _timed_velocity(problem, counts, x_t, at.t.expand(B), prompt)
+        return u, u
     c_s, d_c_s, d_t_s = _col(at.conv.c_s, x_t), _col(at.conv.d_c_s, x_t), _col(at.conv.d_t_s, x_t)
-    u = _checked(problem.velocity(x_t / c_s, at.conv.t_s.expand(B), prompt), x_t)  # at the SNR-matched time
-    return (d_c_s / c_s) * x_t + c_s * d_t_s * u  # Eq. 11
+    u = _timed_velocity(problem, counts, x_t / c_s, at.conv.t_s.expand(B), prompt)  # at the SNR-matched time
+    return (d_c_s / c_s) * x_t + c_s * d_t_s * u, u  # Eq. 11
 
 
-def _checked(u: Tensor, x: Tensor) -> Tensor:
+def _timed_velocity(problem: Problem, counts: Counts, x: Tensor, t: Tensor, prompt: Tensor) -> Tensor:
+    start = time.perf_counter()
+    u = problem.velocity(x, t, prompt)
+    counts.seconds["velocity"] += time.perf_counter() - start
     if u.shape != x.shape:
         raise ValueError(f"Problem.velocity must return the shape of its input {tuple(x.shape)}, got {tuple(u.shape)}")
     return u
+
+
+def _ode_lookahead(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor, u: Tensor) -> Tensor:
+    """Lookahead "ode:K": K Euler steps of the model's own (linear-path) ODE, Eq. 6, from the particle to
+    t = 0 on a uniform grid t_j = t (K - j) / K. The particle is first mapped to the linear path (x / c_s
+    at time t_s, Eq. 10, under vp-sde); step 0 uses the model call `u` already made there, so K = 1 is
+    Tweedie's x0_hat and every further step is one more NFE (counted by the caller). Returns the end point."""
+    K = problem.lookahead_nfe + 1
+    x, t = (x_t, at.t) if at.conv is None else (x_t / _col(at.conv.c_s, x_t), at.conv.t_s)
+    h = _col(t.expand(x.shape[0]) / K, x)  # (B, 1, ..., 1), the step size of every row
+    for j in range(K):
+        if j > 0:
+            u = _timed_velocity(problem, counts, x, (t * (K - j) / K).expand(x.shape[0]), prompt)
+        x = x - h * u
+    return x
 
 
 def _score(problem: Problem, r: Tensor, rows: int) -> None:
@@ -239,15 +288,19 @@ def _score(problem: Problem, r: Tensor, rows: int) -> None:
 
 
 def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor,
-              reward: bool, grad: bool) -> Evaluation:
-    """The one counted evaluation: every velocity call of every algorithm goes through here."""
+              reward: bool, grad: bool, used: Tensor | None = None) -> Evaluation:
+    """The one counted evaluation: every velocity call of every algorithm goes through here. `used`
+    (P,) is the number of rows per prompt, if the caller knows it (else counted from `prompt`)."""
     B = x_t.shape[0]
-    used = torch.bincount(prompt.cpu(), minlength=problem.num_prompts)
-    if torch.any(counts.nfe + used > counts.nfe_limit):
-        raise RuntimeError(f"internal error: {used.tolist()} more NFE would exceed the budget "
+    used = torch.bincount(prompt.cpu(), minlength=problem.num_prompts) if used is None else used
+    scored = reward or grad
+    cost = used * (1 + problem.lookahead_nfe) if scored else used  # a scored row also pays its lookahead
+    if torch.any(counts.nfe + cost > counts.nfe_limit):
+        raise RuntimeError(f"internal error: {cost.tolist()} more NFE would exceed the budget "
                            f"{counts.nfe_limit} (spent {counts.nfe.tolist()})")
-    counts.nfe += used
-    if reward or grad:
+    assert not (grad and problem.lookahead_nfe), "gradient guidance is refused with an ode lookahead"
+    counts.nfe += cost
+    if scored:
         counts.reward_calls += used
     if grad:
         counts.backward_calls += used
@@ -258,14 +311,28 @@ def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Te
         with torch.enable_grad() if grad else contextlib.nullcontext():  # callers run under no_grad
             if grad:
                 x = x.detach().requires_grad_(True)
-            u_t = _path_velocity(problem, x, at_rows, p)
+            u_t, u = _path_velocity(problem, counts, x, at_rows, p)
             x0_hat = sde.x0_hat_from_velocity(u_t, x, at_rows.c)  # Tweedie, in the sampled path's coefficients
-            r = problem.reward(x0_hat, p) if (reward or grad) else None
-            if r is not None:
+            if scored and problem.lookahead_nfe:
+                x0_hat = _ode_lookahead(problem, counts, x, at_rows, p, u)
+            r = None
+            if scored:
+                start = time.perf_counter()
+                r = problem.reward(x0_hat, p)
+                counts.seconds["reward"] += time.perf_counter() - start
                 _score(problem, r, x.shape[0])
-            # autograd.grad (not backward) so that model parameters collect no .grad; rows are
-            # independent, so the gradient of the sum is every row's own gradient
-            d = torch.autograd.grad(r.sum(), x)[0] if grad else None
+            d = None
+            if grad:
+                # autograd.grad (not backward) so that model parameters collect no .grad; rows are
+                # independent, so the gradient of the sum is every row's own gradient. The backward
+                # runs through the reward first: a hook on x0_hat marks where the velocity's part begins.
+                mark = []
+                x0_hat.register_hook(lambda g: mark.append(time.perf_counter()))
+                start = time.perf_counter()
+                d = torch.autograd.grad(r.sum(), x)[0]
+                end = time.perf_counter()
+                counts.seconds["reward"] += mark[0] - start
+                counts.seconds["velocity"] += end - mark[0]
         out.append(Evaluation(u_t.detach(), x0_hat.detach(), None if r is None else r.detach(), d))
     if len(out) == 1:
         return out[0]
@@ -299,9 +366,12 @@ class _Run:
     best: Tensor = None  # (P,) best reward scored so far
     nfe_mark: Tensor = None  # (P,) counts.nfe at the last trace entry
     rows: dict = field(default_factory=dict)  # n -> prompt id of every row of the layout (P, n)
+    used: dict = field(default_factory=dict)  # n -> (P,) rows per prompt of that layout, i.e. n each
+    start: float = 0.0  # time.perf_counter() when the search began
 
 
 def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, method: str, knobs: dict) -> _Run:
+    start = time.perf_counter()
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a search.Problem, got {type(problem).__name__}")
     if not isinstance(generator, torch.Generator):
@@ -319,13 +389,14 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     g = problem.g(ts) if problem.g is not None else torch.zeros_like(ts)
     counts = new_counts(P, nfe)
     return _Run(problem, grid, g, _guidance(grid.c, g), counts, gens, callback, [], torch.full((P,), -math.inf),
-                counts.nfe.clone())
+                counts.nfe.clone(), start=start)
 
 
 def _rows(run: _Run, n: int) -> Tensor:
     """Prompt id of each row of the prompt-major layout (P, n) -> (P * n,)."""
     if n not in run.rows:
         run.rows[n] = torch.arange(run.problem.num_prompts, device=run.problem.device).repeat_interleave(n)
+        run.used[n] = torch.full((run.problem.num_prompts,), n, dtype=torch.long)
     return run.rows[n]
 
 
@@ -336,9 +407,19 @@ def _noise(run: _Run, n: int) -> Tensor:
     return (z[0] if len(z) == 1 else torch.cat(z)).to(p.device)  # (P * n, *shape)
 
 
-def _eval(run: _Run, x: Tensor, i: Tensor | int, n: int, reward: bool, grad: bool = False) -> Evaluation:
-    """Evaluate the layout (P, n) at grid index i (int, or (B,) per row); tracks the best reward."""
-    ev = _evaluate(run.problem, run.counts, x, run.grid.index(i), _rows(run, n), reward, grad)
+def _eval(run: _Run, x: Tensor, i: Tensor | int, n: int, reward: bool, grad: bool = False,
+          mask: Tensor | None = None) -> Evaluation:
+    """Evaluate the layout (P, n) at grid index i (int, or (B,) per row); tracks the best reward. With
+    `mask` (B,) bool only those rows are evaluated (and counted); the others get reward -inf and zeros."""
+    if mask is not None and not bool(mask.all()):
+        idx = mask.nonzero().flatten()
+        sub = _evaluate(run.problem, run.counts, x[idx], run.grid.index(i[idx]), _rows(run, n)[idx], reward, grad)
+        put = lambda a, fill: None if a is None else fill.index_copy(0, idx, a)  # noqa: E731
+        ev = Evaluation(put(sub.u_t, torch.zeros_like(x)), put(sub.x0_hat, torch.zeros_like(x)),
+                        put(sub.reward, torch.full((x.shape[0],), -math.inf, dtype=sub.reward.dtype)),
+                        put(sub.grad, torch.zeros_like(x)))
+    else:
+        ev = _evaluate(run.problem, run.counts, x, run.grid.index(i), _rows(run, n), reward, grad, run.used[n])
     if ev.reward is not None:
         run.best = torch.maximum(run.best, ev.reward.view(run.problem.num_prompts, n).amax(1).cpu())
     return ev
@@ -371,10 +452,12 @@ def _guidance(c: sde.Coeffs, g_t: Tensor) -> Tensor:
     return eta_t + 0.5 * g_t**2
 
 
-def _propose(run: _Run, x: Tensor, ev: Evaluation, i: Tensor | int, n: int, dps_beta: float | None) -> Tensor:
+def _propose(run: _Run, x: Tensor, ev: Evaluation, i: Tensor | int, n: int, dps_beta: float | None,
+             noise: Tensor | None = None) -> Tensor:
     """One proposal step from grid index i to i + 1 for the layout (P, n): Euler for the ODE (Eq. 6),
-    else Euler-Maruyama (Eq. 9 / 12, as sde.euler_maruyama_step, with grid coefficients computed once).
-    With dps_beta, the DPS guidance (the value's gradient at x, carried in ev.grad) is added (Eq. 30)."""
+    else Euler-Maruyama (Eq. 9 / 12, as sde.euler_maruyama_step, with grid coefficients computed once;
+    `noise` replaces the draw from the prompts' generators). With dps_beta, the DPS guidance (the
+    value's gradient at x, carried in ev.grad) is added (Eq. 30)."""
     now = run.grid.index(i)
     dt = _col(now.t - run.grid.t[i + 1], x)  # > 0, backward in time
     if run.problem.g is None:
@@ -382,7 +465,7 @@ def _propose(run: _Run, x: Tensor, ev: Evaluation, i: Tensor | int, n: int, dps_
     else:
         g_t = _col(run.g[i], x)
         f_t = sde.sde_drift(ev.u_t, x, now.c, g_t)  # Eq. 7
-        x_next = x - f_t * dt + g_t * dt.sqrt() * _noise(run, n)
+        x_next = x - f_t * dt + g_t * dt.sqrt() * (_noise(run, n) if noise is None else noise)
     if dps_beta is not None:
         x_next = x_next + (_col(run.eta_g[i], x) * dt / dps_beta) * ev.grad
     return x_next
@@ -396,8 +479,10 @@ def _result(run: _Run, method: str, knobs: dict, x0: Tensor, r: Tensor, log_w: T
     ar = torch.arange(P)
     c = run.counts
     lw = None if log_w is None else torch.log_softmax(log_w.view(P, -1), 1)
+    wall = time.perf_counter() - run.start
+    seconds = dict(c.seconds) | {"other": max(wall - c.seconds["velocity"] - c.seconds["reward"], 0.0)}
     return SearchResult(x0[ar, best], r[ar, best], c.nfe.clone(), c.reward_calls.clone(), c.backward_calls.clone(),
-                        x0, r, lw, run.trace, method, knobs)
+                        x0, r, lw, run.trace, method, knobs, seconds)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -430,9 +515,10 @@ def best_of_n(problem: Problem, nfe: int, *, generator: torch.Generator, callbac
               n: int | None = None) -> SearchResult:
     """Best-of-N (App. D: N = 50 at 500 NFE): n full samples, the best final reward wins.
 
-    n defaults to nfe // num_steps. The paper runs it with the linear ODE; here it uses the problem's
-    dynamics, so Problem(dynamics="linear-ode") is the paper's BoN."""
-    n = n if n is not None else max(nfe // problem.num_steps, 1)
+    n defaults to nfe // num_steps (nfe // (num_steps + K - 1) with an ode:K lookahead of the final
+    samples). The paper runs it with the linear ODE; here it uses the problem's dynamics, so
+    Problem(dynamics="linear-ode") is the paper's BoN."""
+    n = n if n is not None else max(nfe // (problem.num_steps + problem.lookahead_nfe), 1)
     run = _start(problem, nfe, generator, callback, "bon", {"n": n})
     ev = _sample(run, n, None)
     return _result(run, "bon", {"n": n}, ev.x0_hat, ev.reward)
@@ -456,6 +542,9 @@ def _need_gradients(problem: Problem, beta: float) -> None:
                          f"(Problem.differentiable=False); use a method without dps")
     if not beta > 0:
         raise ValueError(f"the guidance temperature beta must be > 0, got {beta}")
+    if problem.lookahead_nfe:
+        raise ValueError(f"gradient guidance differentiates reward(x0_hat) (Eq. 30) and does not run with "
+                         f"lookahead {problem.lookahead!r}; use lookahead 'tweedie' or a method without dps")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -501,7 +590,8 @@ def search_over_paths(problem: Problem, nfe: int, *, generator: torch.Generator,
     schedule = _sop_schedule(t_start, delta_f, delta_b)
     n, k = _positive("sop", "n", n), _positive("sop", "k", k)
     per_solve = n * (1 + len(schedule) * k)  # NFE of one Euler step in every solve
-    m = ode_steps if ode_steps is not None else max(nfe // per_solve, 1)
+    looks = n * k * len(schedule) * problem.lookahead_nfe  # the lookahead of the scored solve ends
+    m = ode_steps if ode_steps is not None else max((nfe - looks) // per_solve, 1)
     knobs = {"n": n, "k": k, "t_start": t_start, "delta_f": delta_f, "delta_b": delta_b, "ode_steps": m}
     run = _start(problem, nfe, generator, callback, "sop", knobs)
     P = problem.num_prompts
@@ -533,12 +623,13 @@ def smc(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     (Eq. 19). Each step: if ESS = 1 / sum(w_bar^2) < ess_threshold * n, resample multinomially and reset
     the weights; propose one step with the model's kernel; multiply the weight by
     exp((v(x_{t-dt}) - v(x_t)) / beta). Without resampling the weights accumulate, so the final weights
-    telescope to exp(v_final / beta) (test). beta = 0.1 is App. F.2's (official code: 0.5-1.0);
+    telescope to exp(v_final / beta) (test). n defaults to nfe // (num_steps (1 + K - 1)) with an
+    ode:K lookahead (every particle is scored). beta = 0.1 is App. F.2's (official code: 0.5-1.0);
     ess_threshold 0.5 is DAS's (official code: 1.0, i.e. nearly always).
     Result: `particles` with `log_weights` approximate the tilted target; x0 is the particle with the
     best reward (the official code returns the largest weight, which after a resampling reflects only
     the reward gain since then)."""
-    n = n if n is not None else max(nfe // problem.num_steps, 1)
+    n = n if n is not None else max(nfe // (problem.num_steps * (1 + problem.lookahead_nfe)), 1)
     if not beta > 0 or not 0 <= ess_threshold <= 1:
         raise ValueError(f"smc needs beta > 0 and 0 <= ess_threshold <= 1, got beta={beta}, "
                          f"ess_threshold={ess_threshold}")
@@ -569,10 +660,17 @@ def smc(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
 # 6. CoDe and SVDD: K children per chain, argmax every L steps (official GeneralTrainer)
 
 
-def _children(nfe: int, problem: Problem, n: int) -> int:
+def _child_cost(problem: Problem, block: int) -> int:
+    """NFE of one child over the whole search: T - 1 steps, plus the lookahead of its
+    ceil((T - 1) / block) scored selections."""
+    T = problem.num_steps
+    return (T - 1) + -(-(T - 1) // block) * problem.lookahead_nfe
+
+
+def _children(nfe: int, problem: Problem, n: int, block: int) -> int:
     """The most children per chain the budget allows: n + n k (T - 1) <= nfe (paper: K = 25, official
     code 2 + 2 * 25 * 9 = 452 of 500; the rest is spent here)."""
-    return max((nfe - n) // (n * (problem.num_steps - 1)), 1)
+    return max((nfe - n) // (n * _child_cost(problem, block)), 1)
 
 
 def _blockwise(run: _Run, n: int, k: int, block: int, dps_beta: float | None) -> Evaluation:
@@ -602,7 +700,7 @@ def code(problem: Problem, nfe: int, *, generator: torch.Generator, callback=Non
     `block` steps with its own noise, the copy with the best reward(x0_hat) continues. k defaults to
     the most the budget allows. With the linear ODE all copies coincide (Table 1 shows the same)."""
     n, block = _positive("code", "n", n), _positive("code", "block", block)
-    k = k if k is not None else _children(nfe, problem, n)
+    k = k if k is not None else _children(nfe, problem, n, block)
     knobs = {"n": n, "k": k, "block": block}
     run = _start(problem, nfe, generator, callback, "code", knobs)
     ev = _blockwise(run, n, k, block, None)
@@ -616,7 +714,7 @@ def svdd(problem: Problem, nfe: int, *, generator: torch.Generator, callback=Non
     reward(x0_hat) continues (beta = 0, as the paper runs it). With dps_beta, each child carries its own
     DPS gradient into its next step ("SVDD+DPS" of Table 2; needs a differentiable reward)."""
     n = _positive("svdd", "n", n)
-    k = k if k is not None else _children(nfe, problem, n)
+    k = k if k is not None else _children(nfe, problem, n, 1)
     if dps_beta is not None:
         _need_gradients(problem, dps_beta)
     method = "svdd" if dps_beta is None else "svdd+dps"
@@ -630,37 +728,65 @@ def svdd(problem: Problem, nfe: int, *, generator: torch.Generator, callback=Non
 # 7. Rollover Budget Forcing (Alg. 2)
 
 
-def _rbf_init(nfe: int, problem: Problem, n: int, init_particles: int | None) -> int:
-    """Initial noises per chain: given, or 10% of the budget as the official code (25 per chain of 2 at 500)."""
-    if init_particles is not None:
-        return init_particles
-    return max(1, min(nfe // (10 * n), (nfe - n * (problem.num_steps - 1)) // n))
+def _rbf_sizes(nfe: int, problem: Problem, n: int, init_particles: int | None, allocation: str,
+               threshold: float | None) -> tuple[int, int, int, int]:
+    """(init, Q, c, draws): initial noises per chain (given, or 10% of the budget as the official code:
+    25 per chain of 2 at 500), the quota Q per stage, the NFE c of one scored particle (1 + the
+    lookahead's K - 1) and the candidates every chain may draw in all (Alg. 2's budget, per chain)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"rbf: allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if (allocation == "threshold") != (threshold is not None):
+        raise ValueError("rbf: allocation 'threshold' needs threshold=<reward level>, and only it takes one"
+                         if threshold is None else "rbf: threshold= is only used with allocation='threshold'")
+    if threshold is not None and not math.isfinite(threshold):
+        raise ValueError(f"rbf: threshold must be a finite reward level, got {threshold!r}")
+    T, c = problem.num_steps, 1 + problem.lookahead_nfe
+    init = init_particles
+    if init is None:
+        init = max(1, min(nfe // (10 * n * c), (nfe - n * c * (T - 1)) // (n * c)))
+    return init, (nfe - n * init * c) // (n * (T - 1) * c), c, (nfe - n * init * c) // (n * c)
+
+
+def _rbf_check(problem: Problem, n: int, dps_beta: float | None) -> tuple[int, str]:
+    if dps_beta is not None:
+        _need_gradients(problem, dps_beta)
+    return _positive("rbf", "n", n), "rbf" if dps_beta is None else "rbf+dps"
 
 
 @torch.no_grad()
 def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
-        n: int = 2, init_particles: int | None = None, rollover: bool = True,
-        dps_beta: float | None = None) -> SearchResult:
-    """Rollover Budget Forcing, Alg. 2 of the paper (App. D: N = 2 chains).
+        n: int = 2, init_particles: int | None = None, rollover: bool = True, allocation: str = "rollover",
+        threshold: float | None = None, dps_beta: float | None = None) -> SearchResult:
+    """Rollover Budget Forcing, Alg. 2 of the paper (App. D: N = 2 chains), all chains in lockstep.
 
     Each chain starts from the best of `init_particles` noises by reward(x0_hat) at t = 1 (official code;
     Alg. 2 is init_particles = 1). At stage i the chain sits at grid index i and draws one candidate step
-    at a time (1 NFE each). The first candidate whose reward beats r*, the best reward accepted so far,
-    is accepted, r* is raised, and the unused part of the quota rolls over to the next stage. When the
-    quota is spent without improvement the stage's best candidate is taken and r* stays (Alg. 2 line 9).
-    The quota Q = (nfe - n init) // (n (T - 1)) is uniform over the T - 1 stages that produce
-    candidates (the official code divides by T and lets the last stage absorb the remainder). The last
-    stage (candidates at t_{T-1}) never advances: it spends whatever is left, and the best candidate
-    of all chains there is the result (official code). rollover=False resets every quota to Q (ablation).
-    With dps_beta every candidate is a guided step and carries its gradient ("RBF+DPS", Table 2)."""
+    at a time (1 NFE each, 1 + K - 1 with an ode:K lookahead). The quota Q = (nfe - n init) // (n (T - 1))
+    is uniform over the T - 1 stages that produce candidates (the official code divides by T and lets
+    the last stage absorb the remainder). The last stage (candidates at t_{T-1}) never advances: it
+    spends whatever is left, and the best candidate of all chains there is the result (official code).
+    When a stage's quota is spent without acceptance its best candidate is taken (Alg. 2 line 9).
+    `allocation` decides when a candidate is accepted, i.e. the chain advances before its quota is spent:
+
+      "rollover"   (Alg. 2) the first candidate whose reward beats r*, the best reward accepted so far
+                   (strictly), is accepted and r* is raised;
+      "uniform"    never: every stage spends exactly Q (the ablation of a fixed quota per step);
+      "threshold"  the first candidate with reward >= `threshold` (a fixed level on the reward's own
+                   scale, the same at every stage), and at the last stage such a candidate also ends
+                   the chain, whose remaining budget is then not spent. This is this project's own
+                   reading of the one-line description of Verifier-Threshold (Sundaresha et al., arXiv
+                   2512.08985: advance when a candidate passes a threshold instead of beating the best
+                   so far); everything else (quota, fallback, rollover, last stage) is RBF's.
+
+    With an early acceptance the unused part of the quota rolls over to the next stage; rollover=False
+    resets every quota to Q instead (the paper's ablation; the unused NFE then reach the last stage).
+    With dps_beta every candidate is a guided step and carries its gradient ("RBF+DPS", Table 2).
+    `rbf_reference` is the same algorithm one chain at a time (test: identical on random rewards)."""
+    n, method = _rbf_check(problem, n, dps_beta)
+    init, Q, c, draws = _rbf_sizes(nfe, problem, n, init_particles, allocation, threshold)
     T, guided = problem.num_steps, dps_beta is not None
-    if guided:
-        _need_gradients(problem, dps_beta)
-    n = _positive("rbf", "n", n)
-    init = _rbf_init(nfe, problem, n, init_particles)
-    Q = (nfe - n * init) // (n * (T - 1))
-    method = "rbf" if dps_beta is None else "rbf+dps"
-    knobs = {"n": n, "init_particles": init, "quota": Q, "rollover": rollover}
+    knobs = {"n": n, "init_particles": init, "quota": Q, "rollover": rollover, "allocation": allocation} | \
+        ({} if threshold is None else {"threshold": threshold})
     run = _start(problem, nfe, generator, callback, method, {"n": n, "init_particles": init})
     P, R = problem.num_prompts, problem.num_prompts * n
     x = _noise(run, n * init)  # (P * n * init, *shape)
@@ -673,40 +799,132 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     stage = torch.zeros(R, dtype=torch.long, device=dev)  # grid index of the anchor
     drawn = torch.zeros(R, dtype=torch.long, device=dev)  # candidates drawn in the current stage (j of Alg. 2)
     quota = torch.full((R,), Q, device=dev)
+    active = torch.ones(R, dtype=torch.bool, device=dev)  # False once a chain has ended ("threshold" only)
     spent = torch.zeros(R, T, dtype=torch.long, device=dev)  # NFE per chain and candidate grid index (Fig. 9)
     best_x, best_ev = x, ev  # the current stage's best candidate (placeholders until the first draw)
     best_r = torch.full((R,), -math.inf, dtype=ev.reward.dtype)  # its reward, -inf at the start of a stage
     done, chains = 1, torch.arange(R, device=dev)  # trace entries emitted so far (grid index 0 is the initialisation)
-    for _ in range((nfe - n * init) // n):
-        cand = _propose(run, x, ev, stage, n, dps_beta)  # one candidate per chain
-        cand_ev = _eval(run, cand, stage + 1, n, reward=True, grad=guided)
-        drawn += 1
-        spent[chains, stage + 1] += 1
-        better = cand_ev.reward > best_r
+    for _ in range(draws):
+        cand = _propose(run, x, ev, stage, n, dps_beta)  # one candidate per chain (noise drawn for all)
+        cand_ev = _eval(run, cand, stage + 1, n, reward=True, grad=guided,
+                        mask=active if allocation == "threshold" else None)
+        drawn += active
+        spent[chains, stage + 1] += c * active
+        better = active & (cand_ev.reward > best_r)
         best_x = torch.where(better.view(-1, *[1] * len(problem.shape)), cand, best_x)
         best_ev, best_r = _where(better, cand_ev, best_ev), torch.where(better, cand_ev.reward, best_r)
-        improve = cand_ev.reward > r_star  # strict, against r* (not against the anchor's own reward)
-        r_star = torch.where(improve, cand_ev.reward, r_star)
+        if allocation == "rollover":
+            accept = active & (cand_ev.reward > r_star)  # strict, against r* (not the anchor's own reward)
+            r_star = torch.where(accept, cand_ev.reward, r_star)
+        elif allocation == "threshold":
+            accept = active & (cand_ev.reward >= threshold)
+        else:
+            accept = torch.zeros_like(active)
         can_move = stage < T - 2
-        # an improving candidate is also the stage's best (every earlier one was <= r*), so both
-        # ways of advancing move to the stage's best candidate
-        forced = ~improve & (drawn >= quota)
-        advance = can_move & (improve | forced)
+        # an accepted candidate is also the stage's best (every earlier one was <= r*, or < threshold),
+        # so both ways of advancing move to the stage's best candidate
+        forced = active & ~accept & (drawn >= quota)
+        advance = can_move & (accept | forced)
         left = (quota - drawn) if rollover else torch.zeros_like(quota)
-        quota = torch.where(advance & improve, Q + left, torch.where(advance, Q, quota))
+        quota = torch.where(advance & accept, Q + left, torch.where(advance, Q, quota))
         x = torch.where(advance.view(-1, *[1] * len(problem.shape)), best_x, x)
         ev = _where(advance, best_ev, ev)
         stage, drawn = stage + advance, torch.where(advance, 0, drawn)
         best_r = torch.where(advance, -math.inf, best_r)
+        if allocation == "threshold":
+            active = active & ~(accept & ~can_move)  # passing the threshold at the last stage ends the chain
         while done <= int(stage.min()):  # every chain has left grid index done - 1: its entry is final
             _record(run, done, nfe=spent[:, done].view(P, n).sum(1).cpu())
             done += 1
+        if allocation == "threshold" and not bool(active.any()):
+            break
     assert bool((stage == T - 2).all()), "the quota guarantees that every chain reaches the last stage"
     while done < T:
         _record(run, done, nfe=spent[:, done].view(P, n).sum(1).cpu())
         done += 1
     return _result(run, method, knobs | ({} if dps_beta is None else {"dps_beta": dps_beta}),
                    best_ev.x0_hat, best_r)
+
+
+@torch.no_grad()
+def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
+                  n: int = 2, init_particles: int | None = None, rollover: bool = True, allocation: str = "rollover",
+                  threshold: float | None = None, dps_beta: float | None = None) -> SearchResult:
+    """Alg. 2 as the paper writes it, one chain after the other: a stage loop, a quota loop, `break` on
+    acceptance. Same knobs, sizes, random draws and result as `rbf` (test: identical NFE traces and
+    results on random scripted rewards), written to be read next to the algorithm, not to be fast.
+
+    Two things are the official code's, not Alg. 2's: the initial particle of a chain is the best of
+    `init_particles` noises, and the last stage spends all the chain has left and does not advance.
+    The noise of candidate j of chain c is row c of the prompt's j-th draw of n rows, because the
+    batched `rbf` draws the noise of all chains of a prompt together. Trace entries: the NFE spent at
+    each grid index, and the best reward scored at that grid index or before."""
+    n, method = _rbf_check(problem, n, dps_beta)
+    init, Q, c, draws = _rbf_sizes(nfe, problem, n, init_particles, allocation, threshold)
+    T, guided = problem.num_steps, dps_beta is not None
+    knobs = {"n": n, "init_particles": init, "quota": Q, "rollover": rollover, "allocation": allocation} | \
+        ({} if threshold is None else {"threshold": threshold})
+    run = _start(problem, nfe, generator, callback, method, {"n": n, "init_particles": init})
+    P, shape = problem.num_prompts, problem.shape
+    spent = torch.zeros(P, T, dtype=torch.long)  # NFE per prompt and grid index
+    best_at = torch.full((P, T), -math.inf, dtype=torch.float64)  # best reward scored per prompt and grid index
+    finals, final_rewards = [], []
+    for p in range(P):
+        z0 = torch.randn((n * init, *shape), generator=run.gens[p], dtype=problem.dtype).to(problem.device)
+        noises = []  # the prompt's noise draws, (n, *shape) each, made when a chain first needs one
+
+        def noise(j: int, chain: int) -> Tensor:
+            while len(noises) <= j:
+                noises.append(torch.randn((n, *shape), generator=run.gens[p], dtype=problem.dtype).to(problem.device))
+            return noises[j][chain:chain + 1]  # (1, *shape)
+
+        def evaluate_at(x: Tensor, i: int) -> Evaluation:
+            ev = _evaluate(problem, run.counts, x, run.grid.index(i), torch.full((x.shape[0],), p), True, guided)
+            spent[p, i] += c * x.shape[0]
+            best_at[p, i] = max(float(best_at[p, i]), float(ev.reward.max()))
+            return ev
+
+        for chain in range(n):
+            # the chain's start: the best of its init noises by reward(x0_hat) at t = 1 (Alg. 2: one noise)
+            x = z0[chain * init:(chain + 1) * init]
+            ev = evaluate_at(x, 0)
+            k = int(ev.reward.argmax())
+            x, ev = x[k:k + 1], ev.take(torch.tensor([k]))  # the anchor, (1, *shape)
+            r_star = float(ev.reward[0])  # best accepted reward
+            j = 0  # candidates this chain has drawn so far (it may draw `draws` in all)
+            left = 0  # quota rolled over from the previous stage
+            for i in range(T - 1):  # stage i: the anchor at grid index i, candidates at grid index i + 1
+                last = i == T - 2
+                stage_quota = draws - j if last else Q + left  # the last stage spends all that is left
+                assert stage_quota <= draws - j, "the quota never asks for more than the chain has left"
+                best_x, best_ev = None, None  # the stage's best candidate
+                accepted = False
+                for q in range(stage_quota):
+                    z = noise(j, chain) if problem.g is not None else None
+                    cand = _propose(run, x, ev, i, 1, dps_beta, noise=z)
+                    cand_ev = evaluate_at(cand, i + 1)
+                    j += 1
+                    r = float(cand_ev.reward[0])
+                    if best_ev is None or r > float(best_ev.reward[0]):
+                        best_x, best_ev = cand, cand_ev
+                    if allocation == "rollover" and r > r_star:  # beats the best accepted reward
+                        r_star, accepted = r, True
+                    elif allocation == "threshold" and r >= threshold:  # passes the threshold
+                        accepted = True
+                    if accepted and not last:
+                        break
+                    if accepted and allocation == "threshold":  # at the last stage: the chain ends here
+                        break
+                left = stage_quota - (q + 1) if (accepted and rollover) else 0
+                x, ev = best_x, best_ev  # accepted or not, the stage's best candidate (Alg. 2 line 9)
+            finals.append(ev.x0_hat)
+            final_rewards.append(ev.reward)
+    for i in range(T):
+        run.trace.append(StepInfo(i, float(run.grid.t[i]), spent[:, i].clone(), best_at[:, :i + 1].amax(1)))
+        if callback is not None:
+            callback(run.trace[-1])
+    return _result(run, method, knobs | ({} if dps_beta is None else {"dps_beta": dps_beta}),
+                   torch.cat(finals), torch.cat(final_rewards))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -759,18 +977,22 @@ def min_nfe(method: str, problem: Problem, **knobs) -> int:
     params = inspect.signature(_function(method)).parameters
     knobs = {name: params[name].default for name in params if params[name].kind == params[name].KEYWORD_ONLY} | \
         _knobs(method, knobs)
-    T = problem.num_steps
+    T, e = problem.num_steps, problem.lookahead_nfe  # e: extra NFE of one scored particle
     size = lambda name: _positive(method, name, knobs[name])  # noqa: E731
     if method == "none":
-        return T
-    elif method in ("bon", "smc", "dps"):
+        return T + e
+    elif method == "bon":
+        return size("n") * (T + e)
+    elif method == "smc":
+        return size("n") * T * (1 + e)
+    elif method == "dps":
         return size("n") * T
     elif method == "sop":
-        schedule = _sop_schedule(knobs["t_start"], knobs["delta_f"], knobs["delta_b"])
-        return size("n") * (1 + len(schedule) * size("k")) * size("ode_steps")
+        S = len(_sop_schedule(knobs["t_start"], knobs["delta_f"], knobs["delta_b"]))
+        return size("n") * (1 + S * size("k")) * size("ode_steps") + size("n") * size("k") * S * e
     elif method in ("code", "svdd", "svdd+dps"):
-        return size("n") * (1 + size("k") * (T - 1))
-    return size("n") * (size("init_particles") + (T - 1))  # rbf, rbf+dps
+        return size("n") * (1 + size("k") * _child_cost(problem, size("block") if method == "code" else 1))
+    return size("n") * (size("init_particles") + (T - 1)) * (1 + e)  # rbf, rbf+dps
 
 
 def _positive(method: str, name: str, value) -> int:

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_search.py                  # every method at 500 NFE, one prompt
     python benchmarks/bench_search.py --ms 5 --runs 5  # a costlier velocity, more repetitions
+    python benchmarks/bench_search.py --methods rbf,rbf+dps --allocation uniform --lookahead ode:2
 
 The velocity is a per-token MLP (64 -> hidden -> 64 on a (16, 64) latent, applied `repeat` times),
 calibrated so that one call on 2 rows (RBF's and SVDD's smallest calls) costs at least `--ms`
@@ -11,7 +12,8 @@ backward passes are timed (the backward passes with tensor hooks at their start 
 left of the wall time is the search's own work: noise, SDE steps, the Linear -> VP conversion
 arithmetic, Tweedie, selection, weights and bookkeeping. Each method runs with its paper dynamics
 (BoN and SoP on the linear ODE, the others on VP-SDE) and default knobs; the median of `--runs`
-runs is reported.
+runs is reported. The last three columns are the search's own split, SearchResult.seconds (velocity
+calls, reward calls, the rest), which should agree with the hooks' "model" column.
 
 This is a benchmark, not a test: the numbers depend on the machine and on what else runs on it.
 """
@@ -43,7 +45,7 @@ class Clock:
         self.model += time.perf_counter() - self._start
 
 
-def make_problem(clock: Clock, hidden: int, repeat: int, dynamics: str) -> search.Problem:
+def make_problem(clock: Clock, hidden: int, repeat: int, dynamics: str, lookahead: str = "tweedie") -> search.Problem:
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 64))
     mlp.requires_grad_(False)
@@ -70,7 +72,7 @@ def make_problem(clock: Clock, hidden: int, repeat: int, dynamics: str) -> searc
         return r
 
     return search.Problem(velocity, reward, (16, 64), reward_name="distance", differentiable=True,
-                          dynamics=dynamics)
+                          dynamics=dynamics, lookahead=lookahead)
 
 
 def calibrate(hidden: int, ms: float) -> int:
@@ -96,20 +98,31 @@ def main():
     parser.add_argument("--hidden", type=int, default=512, help="MLP width")
     parser.add_argument("--runs", type=int, default=3, help="repetitions per method (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--methods", default=",".join(search.METHODS), help="comma list of search.METHODS")
+    parser.add_argument("--allocation", default="rollover", help="rbf / rbf+dps: " + " | ".join(search.ALLOCATIONS))
+    parser.add_argument("--lookahead", default="tweedie", help="tweedie | ode:K (methods with dps: tweedie only)")
     args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    if any(m not in search.METHODS for m in methods) or args.allocation not in ("rollover", "uniform"):
+        parser.error(f"--methods takes {', '.join(search.METHODS)}; --allocation rollover or uniform "
+                     f"(threshold needs a reward level of this synthetic reward)")
+    search.lookahead_steps(args.lookahead)
     torch.set_num_threads(args.threads)
     repeat = calibrate(args.hidden, args.ms)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
           f"velocity: {repeat} x MLP 64-{args.hidden}-64 on (16, 64) latents, >= {args.ms} ms per 2-row call\n")
+    print(f"lookahead {args.lookahead}, rbf allocation {args.allocation}\n")
     print("| method | dynamics | NFE used | velocity calls | wall ms | model ms | overhead ms | overhead % "
-          "| overhead us / NFE |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for method in search.METHODS:
+          "| overhead us / NFE | seconds: velocity ms | reward ms | other ms (%) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for method in methods:
         dynamics = "linear-ode" if method in ("bon", "sop") else "vp-sde"
+        lookahead = "tweedie" if method.endswith("dps") else args.lookahead
+        knobs = {"allocation": args.allocation} if method in ("rbf", "rbf+dps") else {}
         rows = []
         for _ in range(args.runs):
             clock = Clock()
-            pb = make_problem(clock, args.hidden, repeat, dynamics)
+            pb = make_problem(clock, args.hidden, repeat, dynamics, lookahead)
             calls = [0]
             velocity = pb.velocity
 
@@ -119,14 +132,17 @@ def main():
 
             pb.velocity = counted
             start = time.perf_counter()
-            res = search.run(method, pb, args.nfe, generator=torch.Generator().manual_seed(0))
+            res = search.run(method, pb, args.nfe, generator=torch.Generator().manual_seed(0), **knobs)
             wall = time.perf_counter() - start
-            rows.append((wall, clock.model, int(res.nfe_used[0]), calls[0]))
-        wall, model = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+            rows.append((wall, clock.model, int(res.nfe_used[0]), calls[0], res.seconds))
+        median = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
+        wall, model = median(lambda r: r[0]), median(lambda r: r[1])
         over = wall - model
         nfe, calls = rows[0][2], rows[0][3]
+        sv, sr, so = (median(lambda r, k=k: r[4][k]) for k in ("velocity", "reward", "other"))
         print(f"| {method} | {dynamics} | {nfe} | {calls} | {1e3 * wall:.0f} | {1e3 * model:.0f} | {1e3 * over:.1f} | "
-              f"{100 * over / wall:.1f} | {1e6 * over / nfe:.0f} |")
+              f"{100 * over / wall:.1f} | {1e6 * over / nfe:.0f} | {1e3 * sv:.0f} | {1e3 * sr:.1f} | "
+              f"{1e3 * so:.1f} ({100 * so / (sv + sr + so):.1f}) |")
 
 
 if __name__ == "__main__":
