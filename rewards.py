@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -398,7 +399,12 @@ def load_aesthetic_head(path: str | Path) -> AestheticMLP:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and weights_only errors have no common base class
-            raise CheckpointError(f"{path} is not a readable torch state dict: {e}") from None
+            # torch's message advises retrying with weights_only=False, i.e. running the file's code:
+            # never repeated here. Only the offending global, when torch names one, is kept.
+            found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) (\S+)", str(e))
+            why = f"it asks to run {found.group(1)} on loading" if found else f"{type(e).__name__}"
+            raise CheckpointError(f"{path} is not a plain torch state dict ({why}); refused, since loading it could "
+                                  f"run code: use the public predictor file, or a .safetensors copy") from None
     if not isinstance(state, dict) or "layers.0.weight" not in state or state["layers.0.weight"].ndim != 2:
         keys = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: expected the LAION aesthetic predictor's state dict (layers.0.weight "
