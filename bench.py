@@ -372,9 +372,17 @@ def gather(d: Dist, obj) -> list:
 
 def execute(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], done: set, d: Dist) -> int:
     """Run the pending units, K at a time (one per rank); rank 0 appends each round's rows."""
-    csv_path, ran = cfg.out / "results.csv", 0
     bar = tqdm(total=sum(u.cost for u in pending), unit="NFE", desc="bench", dynamic_ncols=True,
                disable=d.rank != 0, file=sys.stderr)
+    try:
+        ran = _execute_rounds(cfg, pipe, pending, done, d, bar)
+    finally:  # also when interrupted, so that the last message starts on a line of its own
+        bar.close()
+    return ran
+
+
+def _execute_rounds(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], done: set, d: Dist, bar) -> int:
+    csv_path, ran = cfg.out / "results.csv", 0
     for lo in range(0, len(pending), d.world):
         mine = pending[lo + d.rank] if lo + d.rank < len(pending) else None
         if mine is not None:
@@ -392,7 +400,6 @@ def execute(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], done: set, 
                 append_rows(csv_path, new)
             done.update(row_key(r) for r in new)
         bar.update(sum(u.cost for u in pending[lo:lo + d.world]))
-    bar.close()
     return ran
 
 

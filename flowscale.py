@@ -605,7 +605,7 @@ def cmd_generate(args) -> None:
     gen = generate(pipe, [prompt], method=args.method, dynamics=args.dynamics, nfe=args.nfe,
                    num_steps=args.steps, reward=reward, seed=args.seed, progress=True, **knobs)
     record = generation_record(gen, 0, steps=args.steps, reward_name=args.reward, seed=args.seed,
-                               model=pipe.name)
+                               model=pipe.name, **({} if args.dps_beta is None else {"dps_beta": args.dps_beta}))
     if "note" in record:
         print(f"flowscale generate: note: {record['note']}", file=sys.stderr)
     record = write_image_and_record(out, gen.images[0], record, scale=8 if pipe.shape_world else 1)

@@ -282,7 +282,7 @@ def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Te
             if not torch.isfinite(x0_hat).all():  # finite u and x can still overflow here
                 raise ValueError("x0_hat became NaN or inf (the particles or the velocity are too large to combine)")
             r = problem.reward(x0_hat, p) if (reward or grad) else None
-            if r is not None:
+            if reward or grad:
                 _score(problem, r, x.shape[0], grad)
             # autograd.grad (not backward) so that model parameters collect no .grad; rows are
             # independent, so the gradient of the sum is every row's own gradient
