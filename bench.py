@@ -84,6 +84,7 @@ LABEL = {"none": "base", "bon": "BoN", "sop": "SoP", "smc": "SMC", "code": "CoDe
          "dps": "DPS", "svdd+dps": "SVDD+DPS", "rbf+dps": "RBF+DPS"}
 ABBR = {"linear-ode": "L.O.", "linear-sde": "L.S.", "vp-sde": "V.S."}
 QUICK = {"prompts": "4", "seeds": 1, "nfe": "50,100", "diversity_samples": 8, "diversity_prompts": 2}
+LIMITS = {"seeds": 1000, "steps": 1000, "batch": 1024, "diversity-samples": 1000, "diversity-prompts": F.MAX_PROMPTS}
 FULL = {"prompts": "16", "seeds": 1, "nfe": "50,100,200,500", "diversity_samples": 16, "diversity_prompts": 4}
 
 
@@ -166,6 +167,8 @@ def config_from_args(args) -> BenchConfig:
                         ("diversity-samples", pick("diversity_samples")), ("diversity-prompts", pick("diversity_prompts"))):
         if value < (2 if name in ("steps", "diversity-samples") else 1):
             raise ValueError(f"--{name} is too small: {value}")
+        if value > LIMITS[name]:  # the plan (seeds) or the diversity batch (samples) would not fit
+            raise ValueError(f"--{name} is too large: {value} (at most {LIMITS[name]})")
     return BenchConfig(task=args.task, reward=reward, methods=_split(args.methods or default_methods, "methods", F.METHODS),
                        dynamics=_split(args.dynamics, "dynamics", F.DYNAMICS), nfe=nfe,
                        prompts=load_prompts(str(pick("prompts")), args.task, args.prompt_seed), seeds=pick("seeds"),
@@ -417,7 +420,7 @@ def diversity(pipe: F.Pipeline, prompts: list[str], *, steps: int, branch_step: 
     copies continue with the SDE of the dynamics (g = 3 t^2 on the sampled path, Eq. 9 / 12) to
     x0_hat at t_{T-1}, as the searches return it. Both dynamics branch at the same grid index, as a
     search's proposals do; at that index the VP path is at a much lower SNR (index 3 of 10: VP time
-    0.954 is linear time 0.990, notes/paper.md 2.4), which is the paper's explanation of the diversity
+    0.954 is linear time 0.990), which is the paper's explanation of the diversity
     (Sec. 5), so the two x_t are not the same point: each is its own path's state at step i."""
     cond = F.encode_prompts(pipe, prompts)
     model_velocity = F.make_velocity(pipe, cond)

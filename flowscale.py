@@ -14,7 +14,7 @@ Budget Forcing and its baselines, Sec. 6, Alg. 2).
     python flowscale.py bench --task counting --nfe 50,100,200,500 --prompts 16 --seeds 2 --out DIR
         the paper's tables and figures in miniature (bench.py); resumable, torchrun-shardable
 
-One generate call (DESIGN.md, "Data flow"):
+One generate call:
 
     prompt -> CLIP / T5 tokenizers -> CLIP pooled `y` (P, Dy) and T5 states `txt` (P, L, D)
            -> velocity(x, t, prompt) of the latents, one NFE per latent (search.py counts them)
@@ -663,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
 INTERRUPTED = {"bench": "the rows written so far are kept in {out}/results.csv; run the same command again "
                          "to resume",
                "generate": "nothing was written to {out}; run it again",
-               "demo": "nothing new was written to {out}; run it again"}
+               "demo": "the files written so far in {out} are whole (each is written at once); run it again"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -577,3 +577,12 @@ def test_bench_with_nothing_to_run_is_refused(tiny_model, tmp_path, capsys):
     assert flowscale.main(argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "nothing to run" in line and "--reward learned-counter" in line
+
+
+@pytest.mark.parametrize("extra, message", [(["--seeds", "1000000000000"], "--seeds is too large"),
+                                            (["--diversity-samples", "1000000000"], "--diversity-samples is too large"),
+                                            (["--prompts", "100000000"], "--prompts must be a number from 1 to 1000"),
+                                            (["--prompt-seed", "-1"], "--prompt-seed must be from 0")])
+def test_bench_sizes_that_would_hang_or_not_fit_are_refused(tiny_model, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        bench.config_from_args(bench_args(tiny_model, tmp_path, *extra))
