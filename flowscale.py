@@ -582,6 +582,8 @@ def cmd_generate(args) -> None:
     # Everything that can be checked cheaply is checked before the model loads and the search runs.
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if not args.prompt.strip():
+        raise ValueError("empty prompt")
     check_seed(args.seed)
     knobs = {}
     if args.dps_beta is not None:
