@@ -32,8 +32,10 @@ How the work is cut, and why:
     takes one process or `torchrun --nproc_per_node K` (the search seeds prompt j of a call from
     its position j in the call: re-sharding prompts would change their noise).
   * Resumable: rows are appended, flushed and fsync'ed after each call, each call's rows in one
-    write; a unit whose rows are all in results.csv is skipped, a half-written last line (killed
-    process) is dropped on reading.
+    write, after the call's image; a unit whose rows are all in results.csv (and whose image reads
+    back) is skipped, a half-written last line (killed process) is dropped on reading, a row repeated
+    under one key is read once. Every other file is written to a temporary file and renamed, so none
+    is ever half-written. One run at a time per --out: DIR/bench.lock (flock) names the holder.
   * torchrun (RANK / WORLD_SIZE set): gloo process group, units dealt round-robin, and after every
     round of K units rank 0 gathers the rows (gather_object) and is the only writer.
   * Deterministic given --seeds: chunk c of seed s runs generate(seed=SeedSequence([s, c])).
@@ -44,12 +46,14 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import fcntl
 import hashlib
 import io
 import json
 import math
 import os
 import shlex
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,13 +74,17 @@ import toyworld
 TASKS = {"counting": "counting", "composition": "composition"}  # task -> its given reward (Sec. 7.1-7.2)
 PARTICLE_METHODS = ("smc", "code", "svdd", "rbf")  # claims 1-2
 LINEAR_ODE_ONLY = ("bon", "sop")  # run with the linear ODE only, as in the paper's Table 1
-COLUMNS = ["task", "reward", "steps", "method", "dynamics", "nfe", "seed", "prompt_id", "prompt",
+COLUMNS = ["task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt",
            "given_reward", "rss", "accuracy", "composition", "nfe_used", "nfe_per_step", "seconds", "image_sha"]
-KEY = ("task", "reward", "steps", "method", "dynamics", "nfe", "seed", "prompt")  # one row per key
+# One row per key. A row's noise depends on its chunk and its place in it, so --batch and the prompt's
+# position (prompt_id) belong to the key: a resume with another --batch or prompt order runs new rows
+# instead of mixing them with the old ones (the report reads only the rows of the current plan).
+KEY = ("task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt")
 LABEL = {"none": "base", "bon": "BoN", "sop": "SoP", "smc": "SMC", "code": "CoDe", "svdd": "SVDD", "rbf": "RBF",
          "dps": "DPS", "svdd+dps": "SVDD+DPS", "rbf+dps": "RBF+DPS"}
 ABBR = {"linear-ode": "L.O.", "linear-sde": "L.S.", "vp-sde": "V.S."}
 QUICK = {"prompts": "4", "seeds": 1, "nfe": "50,100", "diversity_samples": 8, "diversity_prompts": 2}
+LIMITS = {"seeds": 1000, "steps": 1000, "batch": 1024, "diversity-samples": 1000, "diversity-prompts": F.MAX_PROMPTS}
 FULL = {"prompts": "16", "seeds": 1, "nfe": "50,100,200,500", "diversity_samples": 16, "diversity_prompts": 4}
 
 
@@ -136,7 +144,9 @@ def load_prompts(spec: str, task: str, seed: int) -> list[str]:
             raise ValueError(f"--prompts: no prompts in {spec}")
         return list(dict.fromkeys(prompts))
     if spec.isdigit() and int(spec) >= 1:
-        return toyworld.heldout_prompts(task, int(spec), seed=seed)
+        if not 0 <= seed <= F.MAX_SEED:
+            raise ValueError(f"--prompt-seed must be from 0 to {F.MAX_SEED}, got {seed}")
+        return F.heldout_prompts(task, int(spec), seed=seed)
     raise ValueError(f"--prompts takes a number >= 1 or an existing file, got {spec!r}")
 
 
@@ -159,6 +169,8 @@ def config_from_args(args) -> BenchConfig:
                         ("diversity-samples", pick("diversity_samples")), ("diversity-prompts", pick("diversity_prompts"))):
         if value < (2 if name in ("steps", "diversity-samples") else 1):
             raise ValueError(f"--{name} is too small: {value}")
+        if value > LIMITS[name]:  # the plan (seeds) or the diversity batch (samples) would not fit
+            raise ValueError(f"--{name} is too large: {value} (at most {LIMITS[name]})")
     return BenchConfig(task=args.task, reward=reward, methods=_split(args.methods or default_methods, "methods", F.METHODS),
                        dynamics=_split(args.dynamics, "dynamics", F.DYNAMICS), nfe=nfe,
                        prompts=load_prompts(str(pick("prompts")), args.task, args.prompt_seed), seeds=pick("seeds"),
@@ -211,7 +223,7 @@ def knobs_of(cfg: BenchConfig, method: str) -> dict:
 
 def unit_keys(cfg: BenchConfig, unit: Unit) -> list[tuple[str, ...]]:
     return [(cfg.task, cfg.reward, str(cfg.steps), unit.method, unit.dynamics, str(unit.nfe), str(unit.seed),
-             cfg.prompts[i]) for i in unit.prompt_ids]
+             str(cfg.batch), str(i), cfg.prompts[i]) for i in unit.prompt_ids]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -223,14 +235,20 @@ def row_key(row: dict) -> tuple[str, ...]:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of results.csv as dicts of strings. A last line without its newline (a process
-    killed mid-write) is cut off the file; a header other than COLUMNS is a ValueError."""
+    """The rows of results.csv as dicts of strings, one per key (the first; a repeated key is a
+    second run's copy). A last line without its newline (a process killed mid-write) is cut off the
+    file, which is rewritten whole through a temporary file (ValueError, file unchanged, when that
+    fails); a header other than COLUMNS is a ValueError."""
     if not path.is_file():
         return []
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-        path.write_text(text)
+        try:
+            F.write_atomic(path, text)
+        except OSError as e:
+            raise ValueError(f"could not drop the half-written last line of {path} ({e.strerror or e}); the file "
+                             f"is unchanged: free some space and run again") from None
         print(f"bench: dropped a half-written last line of {path}", file=sys.stderr)
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
@@ -238,7 +256,18 @@ def read_rows(path: Path) -> list[dict]:
     if rows[0] != COLUMNS:
         raise ValueError(f"{path} has columns {rows[0]}, expected {COLUMNS}: written by another version? "
                          f"use a new --out")
-    return [dict(zip(COLUMNS, r)) for r in rows[1:] if len(r) == len(COLUMNS)]
+    out, seen = [], set()
+    for r in rows[1:]:
+        if len(r) != len(COLUMNS):
+            continue
+        row = dict(zip(COLUMNS, r))
+        if row_key(row) not in seen:
+            seen.add(row_key(row))
+            out.append(row)
+    if len(out) < len(rows) - 1:
+        print(f"bench: {path}: read {len(out)} rows, ignored {len(rows) - 1 - len(out)} repeated or broken ones",
+              file=sys.stderr)
+    return out
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
@@ -282,20 +311,45 @@ def run_unit(pipe: F.Pipeline, cfg: BenchConfig, unit: Unit) -> UnitOutput:
     rows = []
     for j, (key, i) in enumerate(zip(unit_keys(cfg, unit), unit.prompt_ids)):
         metrics = gen.metrics[j] if gen.metrics else {}
-        image8 = (gen.images[j] * 255).round().to(torch.uint8)  # (3, H, W): the image as a PNG stores it
         rows.append(dict(zip(KEY, key)) | {
-            "prompt_id": str(i), "given_reward": _num(gen.reward[j]),
+            "given_reward": _num(gen.reward[j]),
             "rss": _num(metrics["rss"]) if metrics else "", "accuracy": _num(metrics["accuracy"]) if metrics else "",
             "composition": _num(metrics["composition"]) if metrics else "", "nfe_used": str(gen.nfe_used[j]),
             "nfe_per_step": "|".join(str(int(s.nfe[j])) for s in gen.result.trace),
             "seconds": f"{gen.seconds / len(prompts):.3f}",
-            "image_sha": hashlib.sha1(image8.numpy().tobytes()).hexdigest()[:12]})
+            "image_sha": image_sha(gen.images[j])})
     image = gen.images[unit.prompt_ids.index(0)] if 0 in unit.prompt_ids else None
     return UnitOutput(unit, rows, image)
 
 
 def image_path(cfg: BenchConfig, method: str, dynamics: str, nfe: int, seed: int) -> Path:
-    return cfg.out / "images" / f"{method}_{dynamics}_nfe{nfe}_seed{seed}.png"
+    """The PNG of prompt 0 (cfg.prompts[0]) under one setting. Named by a hash of its row's key too, so
+    another prompt 0, reward, --steps or --batch in the same --out never reads this image."""
+    key = (cfg.task, cfg.reward, str(cfg.steps), method, dynamics, str(nfe), str(seed), str(cfg.batch), "0",
+           cfg.prompts[0])
+    tag = hashlib.sha1("\x1f".join(key).encode()).hexdigest()[:10]
+    return cfg.out / "images" / f"{method}_{dynamics}_nfe{nfe}_seed{seed}_{tag}.png"
+
+
+def read_png(path: Path) -> torch.Tensor | None:
+    """A PNG written by flowscale.save_png as an image (3, H, W) in [0, 1]; None if missing or unreadable."""
+    import matplotlib.pyplot as plt
+
+    if not path.is_file():
+        return None
+    try:
+        array = plt.imread(path)
+    except Exception:  # PIL raises OSError, SyntaxError or ValueError for a truncated file
+        return None
+    if array.ndim != 3 or array.shape[2] < 3:
+        return None
+    return torch.from_numpy(array[:, :, :3].copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+def image_sha(image: torch.Tensor) -> str:
+    """The image_sha column: sha1 of the image (3, H, W) in [0, 1] as 8-bit values (as the PNG stores it)."""
+    image8 = (image * 255).round().to(torch.uint8)
+    return hashlib.sha1(image8.numpy().tobytes()).hexdigest()[:12]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -332,9 +386,17 @@ def gather(d: Dist, obj) -> list:
 
 def execute(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], done: set, d: Dist) -> int:
     """Run the pending units, K at a time (one per rank); rank 0 appends each round's rows."""
-    csv_path, ran = cfg.out / "results.csv", 0
     bar = tqdm(total=sum(u.cost for u in pending), unit="NFE", desc="bench", dynamic_ncols=True,
                disable=d.rank != 0, file=sys.stderr)
+    try:
+        ran = _execute_rounds(cfg, pipe, pending, done, d, bar)
+    finally:  # also when interrupted, so that the last message starts on a line of its own
+        bar.close()
+    return ran
+
+
+def _execute_rounds(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], done: set, d: Dist, bar) -> int:
+    csv_path, ran = cfg.out / "results.csv", 0
     for lo in range(0, len(pending), d.world):
         mine = pending[lo + d.rank] if lo + d.rank < len(pending) else None
         if mine is not None:
@@ -344,14 +406,14 @@ def execute(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], done: set, 
         for out in gather(d, output):
             if out is None:
                 continue
-            new = [r for r in out.rows if row_key(r) not in done]
-            append_rows(csv_path, new)
-            done.update(row_key(r) for r in new)
-            if out.image is not None:
+            if out.image is not None:  # the image first: a kill between the two leaves a row to redo
                 u = out.unit
                 F.save_png(out.image, image_path(cfg, u.method, u.dynamics, u.nfe, u.seed), scale=1)
+            new = [r for r in out.rows if row_key(r) not in done]
+            if new:
+                append_rows(csv_path, new)
+            done.update(row_key(r) for r in new)
         bar.update(sum(u.cost for u in pending[lo:lo + d.world]))
-    bar.close()
     return ran
 
 
@@ -369,7 +431,7 @@ def diversity(pipe: F.Pipeline, prompts: list[str], *, steps: int, branch_step: 
     copies continue with the SDE of the dynamics (g = 3 t^2 on the sampled path, Eq. 9 / 12) to
     x0_hat at t_{T-1}, as the searches return it. Both dynamics branch at the same grid index, as a
     search's proposals do; at that index the VP path is at a much lower SNR (index 3 of 10: VP time
-    0.954 is linear time 0.990, notes/paper.md 2.4), which is the paper's explanation of the diversity
+    0.954 is linear time 0.990), which is the paper's explanation of the diversity
     (Sec. 5), so the two x_t are not the same point: each is its own path's state at step i."""
     cond = F.encode_prompts(pipe, prompts)
     model_velocity = F.make_velocity(pipe, cond)
@@ -415,12 +477,15 @@ def cached_diversity(cfg: BenchConfig, get_pipe) -> dict:
                 "branch_step": cfg.diversity_step, "samples": cfg.diversity_samples, "seed": 0}
     path = cfg.out / "diversity.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved["settings"] == settings:
-            return saved
+        try:
+            saved = json.loads(path.read_text())
+            if saved["settings"] == settings:
+                return saved
+        except (ValueError, KeyError, TypeError) as e:  # a cache: a damaged one is measured again
+            print(f"bench: {path} is damaged ({type(e).__name__}: {e}); measuring the diversity again", file=sys.stderr)
     saved = {"settings": settings, "distances": diversity(get_pipe(), settings["prompts"], steps=cfg.steps,
                                                           branch_step=cfg.diversity_step, samples=cfg.diversity_samples)}
-    path.write_text(json.dumps(saved, indent=2) + "\n")
+    F.write_atomic(path, json.dumps(saved, indent=2) + "\n")
     return saved
 
 
@@ -569,6 +634,17 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    """fig as a PNG at path, through a temporary file and a rename (never half-written)."""
+    tmp = F.temporary_path(path)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        F.finish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        _plt().close(fig)
+
+
 def plot_reward_vs_nfe(cfg: BenchConfig, s: dict, path: Path) -> None:
     plt = _plt()
     panels = [("given_reward", f"{reward_label(cfg)} † (given)"), ("accuracy", "counting accuracy (RSS = 0)"),
@@ -594,8 +670,7 @@ def plot_reward_vs_nfe(cfg: BenchConfig, s: dict, path: Path) -> None:
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"reward vs NFE, task {cfg.task}, {len(cfg.prompts)} prompts x {cfg.seeds} seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_diversity(div: dict, path: Path) -> None:
@@ -609,8 +684,7 @@ def plot_diversity(div: dict, path: Path) -> None:
     ax.set_ylabel("mean pairwise L2 of decoded x0")
     ax.set_title(f"diversity from one x_t (step {st['branch_step']} of {st['steps']}, {st['samples']} samples)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_rbf_steps(cfg: BenchConfig, s: dict, path: Path) -> bool:
@@ -632,8 +706,7 @@ def plot_rbf_steps(cfg: BenchConfig, s: dict, path: Path) -> bool:
     ax.set_title(f"RBF: NFE per denoising step at {max(cfg.nfe)} NFE per prompt", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -641,15 +714,15 @@ def plot_grid(cfg: BenchConfig, rows: list[dict], path: Path) -> None:
     """Prompt 0 under every method (columns) and dynamics (rows), largest budget, first seed."""
     plt = _plt()
     reward_of = {(r["method"], r["dynamics"]): float(r["given_reward"]) for r in rows
-                 if r["prompt_id"] == "0" and r["seed"] == "0"
+                 if r["prompt"] == cfg.prompts[0] and r["prompt_id"] == "0" and r["seed"] == "0"
                  and int(r["nfe"]) == (cfg.steps if r["method"] == "none" else max(cfg.nfe))}
     images, captions = [], []
     for d in cfg.dynamics:
         images.append([]), captions.append([])
         for m in cfg.methods:
-            file = image_path(cfg, m, d, cfg.steps if m == "none" else max(cfg.nfe), 0)
-            if (m, d) in reward_of and file.is_file():
-                images[-1].append(torch.from_numpy(plt.imread(file)[:, :, :3].copy()).permute(2, 0, 1))  # (3, H, W)
+            image = read_png(image_path(cfg, m, d, cfg.steps if m == "none" else max(cfg.nfe), 0))
+            if (m, d) in reward_of and image is not None:
+                images[-1].append(image)
                 captions[-1].append(f"reward {reward_of[m, d]:.2f}")
             else:
                 images[-1].append(torch.full((3, 8, 8), 0.85))
@@ -696,7 +769,7 @@ def write_report(cfg: BenchConfig, rows: list[dict], notes: list[str], div: dict
            "## Figures", "", "![reward vs NFE](reward_vs_nfe.png)", "", "![diversity](diversity.png)", ""]
     md += ["![RBF NFE per step](rbf_nfe_per_step.png)", ""] if has_rbf else []
     md += ["![one prompt across methods](grid.png)", ""]
-    (cfg.out / "results.md").write_text("\n".join(md))
+    F.write_atomic(cfg.out / "results.md", "\n".join(md))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -726,31 +799,86 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     F.add_search_arguments(parser)
 
 
+def lock(out: Path):
+    """Take DIR/bench.lock (an flock, released when the process ends, however it ends) and write the
+    holder into it; ValueError naming the holder if another run has it. Returns the open lock file."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / "bench.lock", "a+")
+    except OSError as e:
+        raise ValueError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{out} is in use by another bench run ({holder}); wait for it to finish, or use "
+                         f"another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}: "
+            f"{' '.join(shlex.quote(a) for a in sys.argv)}\n")
+    f.flush()
+    return f
+
+
+def read_meta(meta: Path) -> dict | None:
+    """DIR/bench.json (the model the folder's results belong to), None if there is none yet."""
+    if not meta.is_file():
+        return None
+    try:
+        saved = json.loads(meta.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("model"), str):
+            raise ValueError("no model name in it")
+    except ValueError as e:
+        raise ValueError(f"{meta} is damaged ({e}); it names the model of the results in {meta.parent}: if they "
+                         f"are this model's, delete {meta.name} and run again, else use another --out") from None
+    return saved
+
+
 def pending_units(cfg: BenchConfig, units: list[Unit]) -> list[Unit]:
-    """The units with a row missing from DIR/results.csv (ValueError if DIR belongs to another model)."""
+    """The units with a row missing from DIR/results.csv, or whose image (prompt 0) is missing or
+    does not read back as the image of its row (ValueError if DIR belongs to another model)."""
     meta = cfg.out / "bench.json"
-    if meta.is_file() and json.loads(meta.read_text())["model"] != model_name(cfg):
-        raise ValueError(f"{cfg.out} holds results of the model {json.loads(meta.read_text())['model']}; "
-                         f"use another --out for {model_name(cfg)}")
+    saved = read_meta(meta)
+    if saved is not None and saved["model"] != model_name(cfg):
+        raise ValueError(f"{cfg.out} holds results of the model {saved['model']}; use another --out for "
+                         f"{model_name(cfg)}")
     # the rows do not name these settings: a folder holds the results of one of them only
     settings = {"lookahead": cfg.lookahead} | cfg.rbf_knobs
-    old = json.loads(meta.read_text()).get("settings", {"lookahead": "tweedie"}) if meta.is_file() else settings
+    old = saved.get("settings", {"lookahead": "tweedie"}) if saved is not None else settings
     if old != settings:
         raise ValueError(f"{cfg.out} holds results with {old}; use another --out for {settings}")
     (cfg.out / "images").mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps({"model": model_name(cfg), "settings": settings}) + "\n")
-    done = {row_key(r) for r in read_rows(cfg.out / "results.csv")}
-    return [u for u in units if not all(k in done for k in unit_keys(cfg, u))]
+    if saved is None:
+        F.write_atomic(meta, json.dumps({"model": model_name(cfg), "settings": settings}) + "\n")
+    rows = {row_key(r): r for r in read_rows(cfg.out / "results.csv")}
+    pending = []
+    for u in units:
+        keys = unit_keys(cfg, u)
+        if not all(k in rows for k in keys):
+            pending.append(u)
+        elif 0 in u.prompt_ids:
+            file = image_path(cfg, u.method, u.dynamics, u.nfe, u.seed)
+            image = read_png(file)
+            if image is None or image_sha(image) != rows[keys[u.prompt_ids.index(0)]]["image_sha"]:
+                print(f"bench: {file} is missing or damaged; running its unit again", file=sys.stderr)
+                pending.append(u)
+    return pending
 
 
 def run(args) -> None:
     """Plan, resume, run the pending units (sharded under torchrun), then rank 0 writes the report."""
     cfg = config_from_args(args)
-    d = init_dist()
     units, notes = plan(cfg)
-    pending, error = [], None
+    if not units:
+        raise ValueError("nothing to run: " + "; ".join(notes))
+    d = init_dist()
+    pending, error, held = [], None, None
     if d.rank == 0:  # the only reader and writer of DIR; the other ranks get its plan
         try:
+            held = lock(cfg.out)
             pending = pending_units(cfg, units)
         except ValueError as e:
             error = str(e)
@@ -761,7 +889,17 @@ def run(args) -> None:
         dist.broadcast_object_list(box, src=0)
         pending, error = box[0]
     if error is not None:
+        if held is not None:
+            held.close()
         raise ValueError(error)
+    try:
+        _run_locked(cfg, d, units, pending, notes)
+    finally:
+        if held is not None:
+            held.close()  # releases the flock
+
+
+def _run_locked(cfg: BenchConfig, d: Dist, units: list[Unit], pending: list[Unit], notes: list[str]) -> None:
     if d.rank == 0:
         print(f"bench: {len(units)} units planned, {len(units) - len(pending)} already in {cfg.out / 'results.csv'}, "
               f"{len(pending)} to run on {d.world} process(es)", file=sys.stderr)
@@ -771,7 +909,8 @@ def run(args) -> None:
         nonlocal pipe
         if pipe is None:
             pipe = F.load_pipeline(cfg.model, height=cfg.height, width=cfg.width)
-            F.check_prompts(pipe, cfg.prompts)  # every rank fails alike on a bad prompt, before any gather
+            # every rank fails alike on a bad prompt, before any gather
+            F.check_prompts(pipe, F.normalise_prompts(pipe, cfg.prompts))
         return pipe
 
     done = {row_key(r) for r in read_rows(cfg.out / "results.csv")} if d.rank == 0 else set()
@@ -793,8 +932,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
+    args = parser.parse_args()
     try:
-        run(parser.parse_args())
+        run(args)
     except ValueError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\nbench: interrupted; the rows written so far are kept in {args.out}/results.csv; run the same "
+              f"command again to resume", file=sys.stderr)
+        sys.exit(130)

@@ -14,7 +14,7 @@ Budget Forcing and its baselines, Sec. 6, Alg. 2).
     python flowscale.py bench --task counting --nfe 50,100,200,500 --prompts 16 --seeds 2 --out DIR
         the paper's tables and figures in miniature (bench.py); resumable, torchrun-shardable
 
-One generate call (DESIGN.md, "Data flow"):
+One generate call:
 
     prompt -> CLIP / T5 tokenizers -> CLIP pooled `y` (P, Dy) and T5 states `txt` (P, L, D)
            -> velocity(x, t, prompt) of the latents, one NFE per latent (search.py counts them)
@@ -31,8 +31,12 @@ folder in the Hugging Face layout.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +53,12 @@ import toyworld
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "mini-flux-schnell"
 METHODS = ("none", "bon", "sop", "smc", "code", "svdd", "rbf", "dps", "svdd+dps", "rbf+dps")
+DPS_METHODS = ("dps", "svdd+dps", "rbf+dps")
 DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
+# torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: 0 and 2**32 are the same
+# noise. So a seed is an integer in [0, 2**32) and anything else is refused.
+MAX_SEED = 2**32 - 1
+MAX_PROMPTS = 1000  # held-out prompts one command may ask for (the pool holds a few thousand per task)
 
 # -----------------------------------------------------------------------------------------------
 # Loading a model: the embedded mini-FLUX or a real FLUX.1 folder
@@ -70,6 +79,7 @@ class Pipeline:
     guidance: float | None = None                   # distilled guidance scale (flux-dev), None for schnell
     name: str = ""                                  # where it was loaded from
     counter: R.LearnedCounter | None = None         # shape world: the second counter of the held-out metrics
+    lowercase: bool = False                         # T5's vocabulary has no capitals: prompts are lower-cased
 
 
 def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: int = 1024,
@@ -92,27 +102,90 @@ def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: 
     # checked before loading anything (a real FLUX.1 takes minutes to load)
     if not meta_file.is_file() and (height % 16 or width % 16):
         raise ValueError(f"FLUX.1 needs height and width divisible by 16, got {height}x{width}")
+    meta = read_meta(meta_file) if meta_file.is_file() else None  # checked before the weights are read
     flux = M.load_flux(path, device=device, dtype=dtype)
     t5 = M.load_t5(path, device=device, dtype=dtype)
     clip = M.load_clip_text(path, device=device, dtype=dtype)
     clip_tokenizer = M.load_clip_tokenizer(path)
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
+    if meta is not None:
         factor = meta["latent_factor"]
         latent = M.PixelLatent(factor)
         shape = (meta["channels"] * factor ** 2, meta["height"] // factor, meta["width"] // factor)
+        if flux.params.in_channels != shape[0] * 4:  # FLUX packs 2x2 latent pixels into one token
+            raise ValueError(f"{meta_file}: channels {meta['channels']} and latent_factor {factor} make "
+                             f"{shape[0] * 4} token channels, but the transformer takes {flux.params.in_channels}")
         t5_tokenizer = M.load_t5_tokenizer(path, max_length=meta["t5_max_length"])
         shape_world = meta.get("world") == "shapes"
-        return Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, shape, shape_world=shape_world,
+        pipe = Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, shape, shape_world=shape_world,
                         name=str(path), counter=R.load_counter() if shape_world else None)
-    latent = M.load_autoencoder(path, device=device, dtype=dtype)
-    is_dev = flux.params.guidance_embed
-    # BFL's sequence lengths: 256 T5 tokens for schnell, 512 for dev (notes/flux.md, Tokenizers).
-    t5_tokenizer = M.load_t5_tokenizer(path, max_length=512 if is_dev else 256)
-    # f = 8 for FLUX.1's autoencoder; read from its config so that other autoencoders get the right latent
-    z, f = latent.params.z_channels, latent.params.downsample
-    return Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, (z, height // f, width // f),
-                    shape_world=False, guidance=guidance if is_dev else None, name=str(path))
+    else:
+        latent = M.load_autoencoder(path, device=device, dtype=dtype)
+        is_dev = flux.params.guidance_embed
+        # BFL's sequence lengths: 256 T5 tokens for schnell, 512 for dev.
+        t5_tokenizer = M.load_t5_tokenizer(path, max_length=512 if is_dev else 256)
+        # f = 8 for FLUX.1's autoencoder; read from its config so that other autoencoders get the right latent
+        z, f = latent.params.z_channels, latent.params.downsample
+        pipe = Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, (z, height // f, width // f),
+                        shape_world=False, guidance=guidance if is_dev else None, name=str(path))
+    check_tokenizers(pipe, path)
+    # A T5 vocabulary without capitals (the embedded model's, trained on lower-case prompts) would turn
+    # "THREE" into unknown pieces; such models get their prompts lower-cased (CLIP lower-cases anyway).
+    pipe.lowercase = not any(c.isupper() for i in range(t5_tokenizer.vocab_size)
+                             for c in t5_tokenizer.sp.id_to_piece(i) if not t5_tokenizer.sp.is_control(i))
+    return pipe
+
+
+META_FIELDS = {"latent_factor": int, "height": int, "width": int, "channels": int, "t5_max_length": int}
+
+
+def read_meta(meta_file: Path) -> dict:
+    """flowscale.json of an embedded model (written by train.py), checked field by field: ValueError
+    naming the file and the field."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta_file} is not a readable JSON file: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file} must hold a JSON object, got {type(meta).__name__}")
+    for name, kind in META_FIELDS.items():
+        value = meta.get(name)
+        if not (isinstance(value, kind) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"{meta_file}: {name} must be an integer >= 1, got {value!r}")
+    factor = meta["latent_factor"]
+    for side in ("height", "width"):
+        if meta[side] % (2 * factor):
+            raise ValueError(f"{meta_file}: {side} {meta[side]} must be a multiple of {2 * factor} "
+                             f"(latent_factor {factor}, then FLUX's 2x2 packing)")
+    trained = meta.get("train", {}).get("image_size") if isinstance(meta.get("train"), dict) else None
+    if trained is not None and (meta["height"], meta["width"]) != (trained, trained):
+        raise ValueError(f"{meta_file}: height x width {meta['height']}x{meta['width']}, but the model was "
+                         f"trained at {trained}x{trained} (train.image_size)")
+    return meta
+
+
+def check_tokenizers(pipe: Pipeline, path: Path) -> None:
+    """The tokenizers must fit their encoders: no id beyond the embedding, and (T5) no fewer pieces
+    than the embedding minus T5's 128 sentinel / padding rows (a truncated spiece.model loads but
+    knows fewer pieces). ValueError naming the files."""
+    t5_rows, sp_pieces = pipe.t5.cfg.vocab_size, pipe.t5_tokenizer.vocab_size
+    if not t5_rows - 128 <= sp_pieces <= t5_rows:
+        raise ValueError(f"{path}: the T5 tokenizer (spiece.model) has {sp_pieces} pieces but the T5 encoder's "
+                         f"embedding has {t5_rows} rows: they do not belong together (a damaged or truncated "
+                         f"spiece.model?)")
+    clip_rows = pipe.clip.cfg.vocab_size
+    if pipe.clip_tokenizer.vocab_size > clip_rows:
+        raise ValueError(f"{path}: the CLIP tokenizer (vocab.json) has {pipe.clip_tokenizer.vocab_size} tokens "
+                         f"but the CLIP text encoder's embedding has {clip_rows} rows")
+    if pipe.shape_world:  # every word of the shape world must be known to both tokenizers
+        t5 = pipe.t5_tokenizer
+        for name, tokenizer_unknown in (
+                ("tokenizer_2/spiece.model", lambda w: t5.sp.unk_id() in t5.encode(w)),
+                ("tokenizer/vocab.json", lambda w: pipe.clip_tokenizer.eos_id in
+                 pipe.clip_tokenizer.backend.encode(w, add_special_tokens=False).ids)):
+            unknown = [w for w in toyworld.VOCABULARY if tokenizer_unknown(w)]
+            if unknown:
+                raise ValueError(f"{path / name} does not know the shape-world words {unknown}: a damaged or "
+                                 f"truncated tokenizer file?")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -128,19 +201,55 @@ class Conditioning:
     y: torch.Tensor         # (P, vec_in_dim) CLIP pooled vector
 
 
-def check_prompts(pipe: Pipeline, prompts: list[str]) -> None:
-    """ValueError for a prompt the model cannot take: empty, or (embedded model) outside the shape world."""
+def normalise_prompts(pipe: Pipeline, prompts: list[str]) -> list[str]:
+    """The prompts as the model reads them. The embedded model's tokenizers know only the shape
+    world's lower-case words: its prompts become the words its grammar reads (lower case, commas and a
+    final full stop dropped, single spaces), so "Three red circles." is "three red circles". A model
+    whose T5 vocabulary has no capitals gets lower-cased prompts; any other model reads them as given.
+    generate() and the rewards see the normalised prompts."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a list of strings, got {prompts!r:.80}")
+    if pipe.shape_world:
+        return [" ".join(p.lower().replace(",", " ").strip().rstrip(".").split()) for p in prompts]
+    return [p.lower() for p in prompts] if pipe.lowercase else list(prompts)
+
+
+def unknown_words(pipe: Pipeline, prompt: str) -> list[str]:
+    """The words of `prompt` that a tokenizer can only map to its unknown token (T5's <unk>; CLIP's
+    unknown token is its <|endoftext|>)."""
+    t5, clip = pipe.t5_tokenizer, pipe.clip_tokenizer
+    bad = []
+    for word in prompt.split():
+        t5_unknown = t5.sp.unk_id() in t5.encode(word) and "<unk>" not in word
+        clip_ids = clip.backend.encode(word, add_special_tokens=False).ids
+        clip_unknown = clip.eos_id in clip_ids and M.CLIP_EOS not in word
+        if t5_unknown or clip_unknown:
+            bad.append(word)
+    return bad
+
+
+def check_prompts(pipe: Pipeline, prompts: list[str], grammar: bool = True) -> None:
+    """ValueError for a prompt the model cannot take: empty, with words its tokenizers do not know, or
+    (embedded model) outside the shape world. Checks the prompts as given: normalise_prompts first."""
     if not prompts:
         raise ValueError("give at least one prompt")
     for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompts must be strings, got {type(prompt).__name__}")
         if not prompt.strip():
             raise ValueError("empty prompt")
-        if pipe.shape_world:
+        if pipe.shape_world and grammar:
             toyworld.parse_prompt(prompt)  # raises ValueError naming the unknown words
+        unknown = unknown_words(pipe, prompt)
+        if unknown:
+            case = "; this model's vocabulary is lower-case" if pipe.lowercase else ""
+            raise ValueError(f"prompt {prompt!r}: the tokenizers of {Path(pipe.name).name or 'the model'} do not "
+                             f"know {unknown} (they would read them as unknown tokens){case}")
 
 
 @torch.no_grad()
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> Conditioning:
+    prompts = normalise_prompts(pipe, prompts)
     check_prompts(pipe, prompts)
     dtype = pipe.flux.img_in.weight.dtype
     txt = pipe.t5(pipe.t5_tokenizer(prompts)).to(dtype)                 # (P, L_txt, D_t5)
@@ -248,22 +357,30 @@ def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamic
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if dynamics not in DYNAMICS:
         raise ValueError(f"unknown dynamics {dynamics!r}; choose one of {', '.join(DYNAMICS)}")
+    check_seed(seed)
     reward_fn = R.get_reward(reward) if isinstance(reward, str) else reward
+    check_reward_for(method, reward_fn)
     cond = encode_prompts(pipe, prompts)
+    prompts = cond.prompts
     problem = make_problem(pipe, cond, reward_fn, dynamics=dynamics, num_steps=num_steps, lookahead=lookahead)
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=nfe * len(prompts), desc=f"{method} {dynamics}", unit="NFE", disable=not progress,
-               dynamic_ncols=True, leave=False)
+    bars = []  # the progress bar appears with the first step, after the search has checked its inputs
 
     def on_step(info: search.StepInfo) -> None:
-        bar.update(int(info.nfe.sum()))
+        if not bars:
+            bars.append(tqdm(total=nfe * len(prompts), desc=f"{method} {dynamics}", unit="NFE",
+                             disable=not progress, dynamic_ncols=True, leave=False))
+        bars[0].update(int(info.nfe.sum()))
         if callback is not None:
             callback(info)
 
     start = time.perf_counter()
-    result = search.run(method, problem, nfe, generator=generator, callback=on_step, **knobs)
+    try:
+        result = search.run(method, problem, nfe, generator=generator, callback=on_step, **knobs)
+    finally:  # also on an error, so that its message starts on a line of its own
+        for bar in bars:
+            bar.close()
     seconds = time.perf_counter() - start
-    bar.close()
     with torch.no_grad():
         images = decode(pipe, result.x0)
     out = Generation(prompts, method, dynamics, nfe, images, result.reward.tolist(), result.nfe_used.tolist(),
@@ -273,8 +390,78 @@ def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamic
     return out
 
 
+def check_seed(seed) -> int:
+    """A seed is an integer in [0, 2**32): torch's generator ignores the higher bits (see MAX_SEED)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to 2**32 - 1 = {MAX_SEED}, got {seed!r} "
+                         f"(torch's generator keeps only 32 bits)")
+    return int(seed)
+
+
+def check_reward_for(method: str, reward) -> None:
+    """The dps methods need a differentiable reward: ValueError naming the ones to pass."""
+    if method in DPS_METHODS and not getattr(reward, "differentiable", False):
+        raise ValueError(f"{method} needs a differentiable reward and {getattr(reward, 'name', reward)!r} is not: "
+                         f"pass --reward learned-counter (on the embedded model; aesthetic and clip-score for real "
+                         f"images), or use a method without dps")
+
+
+def heldout_prompts(kind: str, n: int, seed: int = 0, split: str = "heldout") -> list[str]:
+    """The first n held-out (split "heldout" or "hard") shape-world prompts of `kind`, n from 1 to MAX_PROMPTS."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PROMPTS:
+        raise ValueError(f"--prompts must be a number from 1 to {MAX_PROMPTS}, got {n!r}")
+    return toyworld.heldout_prompts(kind, n, seed=seed, split=split)
+
+
+def budget_note(gen: Generation, i: int) -> str | None:
+    """Why prompt i used less than its budget, when the method cannot spend more (None otherwise)."""
+    used = gen.nfe_used[i]
+    if used >= gen.nfe:
+        return None
+    if gen.method in ("none", "dps"):
+        what = "the plain sampler" if gen.method == "none" else "DPS (one guided chain)"
+        return (f"{what} spends one NFE per step: used {used} of the {gen.nfe} NFE budget; use bon / rbf "
+                f"(or svdd+dps / rbf+dps) to spend a larger budget")
+    return f"used {used} of the {gen.nfe} NFE budget (the rest does not make a whole particle)"
+
+
 # -----------------------------------------------------------------------------------------------
-# Output: PNG images, grids, JSON
+# Output: PNG images, grids, JSON, each written to a temporary file in its folder and renamed,
+# so a reader (or a resumed run) never sees a half-written file
+
+
+def temporary_path(path: Path) -> Path:
+    """A new, empty, hidden file in path's folder, for writing path atomically (rename when done)."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def finish(tmp: Path, path: Path) -> None:
+    """fsync tmp and rename it to path (atomic on POSIX within one folder)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write path whole or not at all: the data go to a temporary file in the same folder, renamed."""
+    tmp = temporary_path(path)
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        finish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path) -> None:
+    """ValueError unless `folder` exists (it is created) and a file can be written in it; run before
+    any long work, so an output problem does not cost the search."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary_path(folder / "probe").unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to the output folder {folder}: {e.strerror or e}") from None
 
 
 def save_png(image: torch.Tensor, path: Path, scale: int = 8) -> None:
@@ -283,7 +470,12 @@ def save_png(image: torch.Tensor, path: Path, scale: int = 8) -> None:
 
     array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     array = array.repeat(scale, axis=0).repeat(scale, axis=1)
-    plt.imsave(path, array)
+    tmp = temporary_path(path)
+    try:
+        plt.imsave(tmp, array, format="png")
+        finish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_grid(rows: list[str], columns: list[str], images: list[list[torch.Tensor]],
@@ -309,8 +501,13 @@ def save_grid(rows: list[str], columns: list[str], images: list[list[torch.Tenso
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = temporary_path(path)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        finish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -330,6 +527,9 @@ def generation_record(gen: Generation, i: int, **settings) -> dict:
               "nfe_used": gen.nfe_used[i], "reward": gen.reward[i], "seconds": round(gen.seconds, 3), **settings}
     if gen.metrics:
         record["heldout"] = gen.metrics[i]
+    note = budget_note(gen, i)
+    if note:
+        record["note"] = note
     return record
 
 
@@ -342,10 +542,11 @@ DEMO_NFE = 200             # RBF's budget per prompt in the demo (the plain samp
 
 
 def cmd_demo(args) -> None:
-    pipe = load_pipeline(args.model)
+    check_seed(args.seed)
+    prompts = heldout_prompts("counting", args.prompts, seed=args.seed, split="hard")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    prompts = toyworld.heldout_prompts("counting", args.prompts, seed=args.seed, split="hard")
+    check_writable(out)
+    pipe = load_pipeline(args.model)
     runs = [("plain (Linear-ODE)", dict(method="none", dynamics="linear-ode", nfe=args.steps)),
             (f"BoN, {args.nfe} NFE", dict(method="bon", dynamics="linear-ode", nfe=args.nfe)),
             (f"RBF VP-SDE, {args.nfe} NFE", dict(method="rbf", dynamics="vp-sde", nfe=args.nfe))]
@@ -374,28 +575,70 @@ def cmd_demo(args) -> None:
     print(table)
     summary = {"model": pipe.name, "reward": args.reward, "steps": args.steps, "seed": args.seed,
                "runs": [generation_record(g, i) for g in gens for i in range(len(prompts))]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "table.md").write_text(table + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "table.md", table + "\n")
     print(f"wrote {out / 'grid.png'}, {out / 'summary.json'}", file=sys.stderr)
 
 
+def write_image_and_record(out: Path, image: torch.Tensor, record: dict, scale: int) -> dict:
+    """image.png and result.json as a pair: both are written to temporary files first; then the old
+    result.json is removed, image.png renamed into place, result.json last. A reader that finds
+    result.json finds its image (result.json carries the image's sha256 to check)."""
+    png, js = out / "image.png", out / "result.json"
+    tmp_png = temporary_path(png)
+    tmp_js = temporary_path(js)
+    try:
+        save_png(image, tmp_png, scale=scale)
+        record = record | {"image_sha256": hashlib.sha256(tmp_png.read_bytes()).hexdigest()}
+        tmp_js.write_text(json.dumps(record, indent=2) + "\n")
+        js.unlink(missing_ok=True)
+        os.replace(tmp_png, png)
+        finish(tmp_js, js)
+    except OSError as e:
+        raise ValueError(f"could not write {out}: {e.strerror or e}") from None
+    finally:
+        tmp_png.unlink(missing_ok=True)
+        tmp_js.unlink(missing_ok=True)
+    return record
+
+
 def cmd_generate(args) -> None:
+    # Everything that can be checked cheaply is checked before the model loads and the search runs.
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if not args.prompt.strip():
+        raise ValueError("empty prompt")
+    check_seed(args.seed)
+    knobs = {}
+    if args.dps_beta is not None:
+        if args.method not in DPS_METHODS:
+            raise ValueError(f"--dps-beta sets the guidance of {', '.join(DPS_METHODS)}; method {args.method!r} "
+                             f"has none")
+        if not (math.isfinite(args.dps_beta) and args.dps_beta > 0):
+            raise ValueError(f"--dps-beta must be a finite number > 0, got {args.dps_beta}")
+        knobs = {"beta": args.dps_beta} if args.method == "dps" else {"dps_beta": args.dps_beta}
+    out = Path(args.out)
+    check_writable(out)
     # Real-image rewards read their files here (the aesthetic head, a full CLIP ViT-L/14 folder),
     # before the model: a missing file should not cost the minutes of loading FLUX.1 first.
     reward = R.get_reward(args.reward, weights=args.reward_weights, clip=args.clip)
-    knobs = search_knobs(args)  # a bad --allocation / --lookahead fails here, before the model loads
+    knobs |= search_knobs(args)  # a bad --allocation / --lookahead fails here, before the model loads
+    check_reward_for(args.method, reward)
     pipe = load_pipeline(args.model, height=args.height, width=args.width)
-    if args.dps_beta is not None:
-        knobs["dps_beta"] = args.dps_beta
-    gen = generate(pipe, [args.prompt], method=args.method, dynamics=args.dynamics, nfe=args.nfe,
+    prompt = normalise_prompts(pipe, [args.prompt])[0]
+    if prompt != args.prompt:
+        print(f"flowscale generate: note: the model reads the prompt as {prompt!r} (its vocabulary is lower-case)",
+              file=sys.stderr)
+    gen = generate(pipe, [prompt], method=args.method, dynamics=args.dynamics, nfe=args.nfe,
                    num_steps=args.steps, reward=reward, seed=args.seed, progress=True, lookahead=args.lookahead,
                    **knobs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_png(gen.images[0], out / "image.png", scale=8 if pipe.shape_world else 1)
     record = generation_record(gen, 0, steps=args.steps, reward_name=args.reward, seed=args.seed,
-                               model=pipe.name, lookahead=args.lookahead, **knobs)
-    (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+                               model=pipe.name, lookahead=args.lookahead,
+                               **({k: v for k, v in knobs.items() if k not in ("beta", "dps_beta")}),
+                               **({} if args.dps_beta is None else {"dps_beta": args.dps_beta}))
+    if "note" in record:
+        print(f"flowscale generate: note: {record['note']}", file=sys.stderr)
+    record = write_image_and_record(out, gen.images[0], record, scale=8 if pipe.shape_world else 1)
     print(json.dumps(record, indent=2))
 
 
@@ -429,19 +672,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=10, help="denoising steps")
         p.add_argument("--reward", default="counting",
                        help="given reward: " + " | ".join(R.REWARD_NAMES))
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help=f"random seed, 0 .. 2**32 - 1 = {MAX_SEED}")
 
     demo = sub.add_parser("demo", help="plain sampler vs BoN vs RBF on the embedded model",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(demo)
     demo.add_argument("--out", default="out/demo")
-    demo.add_argument("--prompts", type=int, default=DEMO_PROMPTS, help="held-out counting prompts")
+    demo.add_argument("--prompts", type=int, default=DEMO_PROMPTS,
+                      help=f"held-out counting prompts (1 .. {MAX_PROMPTS})")
     demo.add_argument("--nfe", type=int, default=DEMO_NFE, help="budget per prompt of BoN and RBF")
 
     gen = sub.add_parser("generate", help="one prompt, one search method",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(gen)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True,
+                     help="the prompt; lower-cased (and, in the shape world, without commas and full stop) for a "
+                          "model whose vocabulary is lower-case, as the embedded one")
     gen.add_argument("--method", default="rbf", help=" | ".join(METHODS))
     gen.add_argument("--dynamics", default="vp-sde", help=" | ".join(DYNAMICS))
     gen.add_argument("--nfe", type=int, default=200, help="NFE budget (velocity evaluations)")
@@ -453,7 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="aesthetic / clip-score: a CLIP ViT-L/14 folder (HF CLIPModel: config.json, "
                           "model.safetensors, vocab.json, merges.txt)")
     gen.add_argument("--dps-beta", type=float, default=None,
-                     help="reward temperature of the +dps methods (guidance strength 1/beta; default search.DPS_BETA)")
+                     help="reward temperature of dps, svdd+dps and rbf+dps (guidance strength 1/beta; "
+                          "default search.DPS_BETA)")
     add_search_arguments(gen)
     gen.add_argument("--out", default="out/generate")
 
@@ -462,6 +709,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(sub.add_parser("bench", help="the paper's tables and figures in miniature (bench.py)",
                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     return parser
+
+
+INTERRUPTED = {"bench": "the rows written so far are kept in {out}/results.csv; run the same command again "
+                         "to resume",
+               "generate": "nothing was written to {out}; run it again",
+               "demo": "the files written so far in {out} are whole (each is written at once); run it again"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,6 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad user input (unknown method, budget too small, unknown words, ...)
         print(f"flowscale {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, what was kept and how to go on
+        print(f"\nflowscale {args.command}: interrupted; " + INTERRUPTED[args.command].format(out=args.out),
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -93,12 +93,38 @@ def read_sharded_folder(folder: str | Path, stem: str) -> dict[str, torch.Tensor
     if single.is_file():
         return read_safetensors(single)
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+            raise CheckpointError(f"{index}: expected a 'weight_map' object of tensor name -> shard file, "
+                                  f"got {weight_map!r:.80}")
         return read_safetensors(folder / name for name in sorted(set(weight_map.values())))
     found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     raise CheckpointError(
         f"{folder}: expected {single.name} or {index.name} (+ shards); found {found[:10]}"
     )
+
+
+def check_field_types(config) -> None:
+    """ValueError naming the first field of a config dataclass whose value has the wrong type (a
+    config.json with `"num_layers": "three"` must fail here, not deep inside the model's constructor).
+    The annotations are strings (postponed evaluation): int, float, bool, int | None, tuple[int, ...]."""
+    for name, f in config.__dataclass_fields__.items():
+        value = getattr(config, name)
+        kind = f.type
+        if kind == "int | None" and value is None:
+            continue
+        if kind in ("int", "int | None"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "tuple[int, ...]":
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        else:
+            raise AssertionError(f"check_field_types: no rule for {type(config).__name__}.{name}: {kind}")
+        if not ok:
+            raise ValueError(f"{name} must be {kind.replace('tuple[int, ...]', 'a list of ints')}, got {value!r}")
 
 
 def has_sharded_weights(folder: Path, stem: str) -> bool:
@@ -138,6 +164,16 @@ def load_checkpoint_into(module: nn.Module, state: dict[str, torch.Tensor], sour
             lines.append(f"  {len(wrong_shape)} wrong shape: {_first(wrong_shape, 3)}")
         lines.append("  Is this the right file for this model and config?")
         raise CheckpointError("\n".join(lines))
+    wrong_dtype = sorted(f"{k} ({state[k].dtype})" for k in expected.keys() & state.keys()
+                         if expected[k].is_floating_point() != state[k].is_floating_point()
+                         or (not expected[k].is_floating_point() and state[k].dtype != expected[k].dtype))
+    if wrong_dtype:
+        raise CheckpointError(f"{source}: {len(wrong_dtype)} tensors are integer or bool where "
+                              f"{type(module).__name__} has floats: {_first(wrong_dtype, 3)}")
+    relabelled = sorted(k for k in state if _looks_like_relabelled_bf16(state[k]))
+    if relabelled:
+        raise CheckpointError(f"{source}: {len(relabelled)} float16 matrices hold values that look like bfloat16 "
+                              f"bits labelled float16 (nearly all magnitudes in [0.5, 2)): {_first(relabelled, 3)}")
     state = {k: v.to(device=device, dtype=dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
              for k, v in state.items()}
     module.load_state_dict(state, strict=True, assign=True)
@@ -145,6 +181,19 @@ def load_checkpoint_into(module: nn.Module, state: dict[str, torch.Tensor], sour
     for name, buf in module.named_buffers():
         assert not buf.is_meta, f"buffer {name} was not restored after loading {source}"
     return module.eval()
+
+
+def _looks_like_relabelled_bf16(t: torch.Tensor) -> bool:
+    """A float16 matrix whose bytes are really bfloat16: every bfloat16 magnitude in [2^-15, 2) -- all
+    of a trained weight matrix -- reads as a float16 magnitude in [0.5, 2). A genuine weight matrix
+    (roughly Gaussian, small) never has 99% of its first 65536 non-zero entries there."""
+    if t.dtype != torch.float16 or t.ndim < 2 or t.numel() < 256:
+        return False
+    sample = t.flatten()[:65536].float().abs()
+    sample = sample[sample > 0]
+    if len(sample) < 256:
+        return False
+    return bool(((sample >= 0.5) & (sample < 2)).float().mean() > 0.99)
 
 
 def build_and_load(build: Callable[[], nn.Module], state: dict[str, torch.Tensor], source: str | Path, *,
@@ -184,6 +233,7 @@ class FluxParams:
     guidance_embed: bool         # embeds a distilled-guidance scalar (dev: True, schnell: False)
 
     def __post_init__(self):
+        check_field_types(self)
         self.axes_dim = tuple(self.axes_dim)
         if self.out_channels is None:
             self.out_channels = self.in_channels
@@ -606,6 +656,7 @@ class T5Config:
     layer_norm_epsilon: float            # RMSNorm epsilon (1e-6)
 
     def __post_init__(self):
+        check_field_types(self)
         if min(self.vocab_size, self.d_model, self.d_kv, self.d_ff, self.num_layers, self.num_heads) < 1:
             raise ValueError(f"T5Config sizes must be positive, got {self}")
         if self.relative_attention_num_buckets < 4 or self.relative_attention_num_buckets % 4:
@@ -808,6 +859,7 @@ class CLIPTextConfig:
     layer_norm_eps: float         # LayerNorm epsilon (1e-5)
 
     def __post_init__(self):
+        check_field_types(self)
         if min(self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers,
                self.num_attention_heads, self.max_position_embeddings) < 1:
             raise ValueError(f"CLIPTextConfig sizes must be positive, got {self}")
@@ -965,6 +1017,7 @@ class CLIPVisionConfig:
     layer_norm_eps: float         # LayerNorm epsilon (1e-5)
 
     def __post_init__(self):
+        check_field_types(self)
         if min(self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.num_attention_heads,
                self.num_channels, self.image_size, self.patch_size, self.projection_dim) < 1:
             raise ValueError(f"CLIPVisionConfig sizes must be positive, got {self}")
@@ -1276,9 +1329,13 @@ def load_clip_tokenizer(path: str | Path, max_length: int = 77) -> CLIPTokenizer
     folder = _component_folder(path, "tokenizer", "vocab.json", "a CLIP tokenizer folder (vocab.json + merges.txt)")
     if not (folder / "merges.txt").is_file():
         raise CheckpointError(f"{folder}: has vocab.json but no merges.txt")
-    bpe = tokenizers.models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
-                                          unk_token=CLIP_EOS, end_of_word_suffix="</w>",
-                                          continuing_subword_prefix="", fuse_unk=False)
+    try:
+        bpe = tokenizers.models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                              unk_token=CLIP_EOS, end_of_word_suffix="</w>",
+                                              continuing_subword_prefix="", fuse_unk=False)
+    except Exception as e:  # the tokenizers library raises a bare Exception for unreadable files
+        raise CheckpointError(f"{folder}: vocab.json / merges.txt are not a readable BPE vocabulary: "
+                              f"{str(e).splitlines()[0]}") from None
     backend = _clip_pipeline(tokenizers.Tokenizer(bpe))
     bos_id, eos_id = backend.token_to_id(CLIP_BOS), backend.token_to_id(CLIP_EOS)
     if bos_id is None or eos_id is None:
@@ -1428,6 +1485,7 @@ class AutoEncoderParams:
     num_groups: int = 32         # groups of every GroupNorm (BFL hard-codes 32; diffusers' norm_num_groups)
 
     def __post_init__(self):
+        check_field_types(self)
         self.ch_mult = tuple(self.ch_mult)
         if not self.ch_mult or min(self.ch_mult) < 1 or self.ch < 1 or self.num_res_blocks < 1:
             raise ValueError(f"ch, num_res_blocks and every ch_mult must be positive, got ch={self.ch}, "
@@ -1781,9 +1839,12 @@ _DIFFUSERS_FLUX_FIELDS = {
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable JSON file: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def _flux_params_from_diffusers_config(config: dict, source: Path) -> FluxParams:
@@ -1797,9 +1858,12 @@ def _flux_params_from_diffusers_config(config: dict, source: Path) -> FluxParams
     defaults = FLUX_CONFIGS["flux-schnell"]
     fields = {ours: config.get(theirs, getattr(defaults, ours)) for theirs, ours in _DIFFUSERS_FLUX_FIELDS.items()}
     heads, head_dim = fields["num_heads"], config.get("attention_head_dim", 128)
+    for name, value in (("num_attention_heads", heads), ("attention_head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{source}: {name} must be an int >= 1, got {value!r}")
     try:
         return FluxParams(**fields, hidden_size=heads * head_dim, mlp_ratio=4.0, theta=10_000, qkv_bias=True)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 
@@ -2239,7 +2303,10 @@ def _ae_params_from_diffusers_config(config: dict, source: Path) -> AutoEncoderP
     without `use_quant_conv: false` describes a VAE with quant convs, which FLUX does not have).
     """
     unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_AE_FIELDS)
-    block_out = list(config.get("block_out_channels", [64]))
+    block_out = config.get("block_out_channels", [64])
+    if not (isinstance(block_out, list) and block_out
+            and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block_out)):
+        raise CheckpointError(f"{source}: block_out_channels must be a list of ints >= 1, got {block_out!r}")
     n = len(block_out)
     problems = [f"unknown fields {unknown}"] if unknown else []
     expected = {"act_fn": "silu", "use_quant_conv": False, "use_post_quant_conv": False,
@@ -2265,7 +2332,7 @@ def _ae_params_from_diffusers_config(config: dict, source: Path) -> AutoEncoderP
                                  scale_factor=config.get("scaling_factor", 0.18215),
                                  shift_factor=0.0 if shift is None else shift,
                                  num_groups=config.get("norm_num_groups", 32))
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 

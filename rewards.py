@@ -6,7 +6,7 @@ evaluated on the Tweedie estimate x0_hat of each particle. The paper's two main 
 
     quantity-aware   r = -RSS, RSS = sum_i (C_i - C_hat_i)^2 over the object categories i of the
                      prompt, counts C_hat from GroundingDINO (+ SAM de-duplication); accuracy is
-                     the share of images with RSS = 0 (paper Sec. 7.2, notes/paper.md Sec. 4)
+                     the share of images with RSS = 0 (paper Sec. 7.2)
     compositional    VQAScore in [0, 1], the probability a VQA model answers "yes" to "does this
                      image show <prompt>?" (paper Sec. 7.1)
 
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -361,7 +362,7 @@ def get_reward(name: str, counter_folder: str | Path = DEFAULT_COUNTER, *, weigh
 #
 # The paper's aesthetic task (App. E.1, Table 2) guides FLUX with the gradient of the LAION
 # "improved aesthetic predictor" (sac+logos+ava1-l14-linearMSE.pth), an MLP on the L2-normalised
-# CLIP ViT-L/14 image embedding of the decoded x0_hat (notes/paper.md Sec. 4). CLIPScore (Hessel et
+# CLIP ViT-L/14 image embedding of the decoded x0_hat. CLIPScore (Hessel et
 # al. 2021) is the cosine between CLIP's image and text embeddings (paper Table 3). Both run the
 # image through `model.clip_preprocess` (resize to 224, centre crop, CLIP normalisation) in torch,
 # so they are differentiable in the pixels, hence in the latent (DPS, Eq. 30), and follow the reward
@@ -406,7 +407,18 @@ def load_aesthetic_head(path: str | Path) -> AestheticMLP:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip and weights_only errors have no common base class
-            raise CheckpointError(f"{path} is not a readable torch state dict: {e}") from None
+            # torch's message advises retrying with weights_only=False, i.e. running the file's code:
+            # never repeated here. Only the offending global, when torch names one, is kept.
+            found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) (\S+)", str(e))
+            if found:
+                raise CheckpointError(f"{path} is not a plain torch state dict: it asks to run {found.group(1)} on "
+                                      f"loading, which is refused; use the public predictor file, or a .safetensors "
+                                      f"copy") from None
+            if "weights_only" in str(e):  # torch's advice to retry unsafely is never repeated
+                why = "corrupt, or it holds objects other than tensors, which are refused"
+            else:
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{path} is not a readable torch state dict: {why}") from None
     if not isinstance(state, dict) or "layers.0.weight" not in state or state["layers.0.weight"].ndim != 2:
         keys = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: expected the LAION aesthetic predictor's state dict (layers.0.weight "

@@ -65,6 +65,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import numbers
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -255,13 +257,25 @@ def _path_velocity(problem: Problem, counts: Counts, x_t: Tensor, at: _At, promp
     return (d_c_s / c_s) * x_t + c_s * d_t_s * u, u  # Eq. 11
 
 
+def _checked(u: Tensor, x: Tensor) -> Tensor:
+    if not isinstance(u, Tensor) or u.shape != x.shape or not u.is_floating_point():
+        got = f"{u.dtype} tensor of shape {tuple(u.shape)}" if isinstance(u, Tensor) else type(u).__name__
+        raise ValueError(f"Problem.velocity must return a float tensor of the shape of its input {tuple(x.shape)}, "
+                         f"got {got}")
+    if not torch.isfinite(u).all():
+        if not torch.isfinite(x).all():  # the particles themselves diverged: not the velocity's fault
+            raise ValueError("the particles became NaN or inf (diverged); with DPS guidance, a larger dps_beta "
+                             "(weaker guidance) keeps them finite")
+        raise ValueError(f"Problem.velocity returned NaN or inf for {int((~torch.isfinite(u)).flatten(1).any(1).sum())} "
+                         f"of {x.shape[0]} finite inputs")
+    return u
+
+
 def _timed_velocity(problem: Problem, counts: Counts, x: Tensor, t: Tensor, prompt: Tensor) -> Tensor:
     start = time.perf_counter()
     u = problem.velocity(x, t, prompt)
     counts.seconds["velocity"] += time.perf_counter() - start
-    if u.shape != x.shape:
-        raise ValueError(f"Problem.velocity must return the shape of its input {tuple(x.shape)}, got {tuple(u.shape)}")
-    return u
+    return _checked(u, x)
 
 
 def _ode_lookahead(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor, u: Tensor) -> Tensor:
@@ -279,12 +293,21 @@ def _ode_lookahead(problem: Problem, counts: Counts, x_t: Tensor, at: _At, promp
     return x
 
 
-def _score(problem: Problem, r: Tensor, rows: int) -> None:
+def _score(problem: Problem, r, rows: int, grad: bool) -> None:
+    """The reward's output must be a float tensor (rows,) of finite values, attached to autograd when
+    its gradient is needed (ValueError naming the reward otherwise)."""
+    name = problem.reward_name
+    if not isinstance(r, Tensor) or not r.is_floating_point():
+        got = f"a {r.dtype} tensor" if isinstance(r, Tensor) else type(r).__name__
+        raise ValueError(f"reward {name!r} must return a float torch.Tensor of shape ({rows},), got {got}")
     if r.shape != (rows,):
-        raise ValueError(f"reward {problem.reward_name!r} must return shape ({rows},), got {tuple(r.shape)}")
+        raise ValueError(f"reward {name!r} must return shape ({rows},), got {tuple(r.shape)}")
     if not torch.isfinite(r).all():
-        raise ValueError(f"reward {problem.reward_name!r} returned NaN or inf for {int((~torch.isfinite(r)).sum())} "
+        raise ValueError(f"reward {name!r} returned NaN or inf for {int((~torch.isfinite(r)).sum())} "
                          f"of {rows} samples; a search cannot rank those")
+    if grad and not r.requires_grad:
+        raise ValueError(f"reward {name!r} is flagged differentiable but its output is detached from its input "
+                         f"(computed under no_grad, through numpy or .detach()); DPS needs its gradient")
 
 
 def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor,
@@ -313,6 +336,8 @@ def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Te
                 x = x.detach().requires_grad_(True)
             u_t, u = _path_velocity(problem, counts, x, at_rows, p)
             x0_hat = sde.x0_hat_from_velocity(u_t, x, at_rows.c)  # Tweedie, in the sampled path's coefficients
+            if not torch.isfinite(x0_hat).all():  # finite u and x can still overflow here
+                raise ValueError("x0_hat became NaN or inf (the particles or the velocity are too large to combine)")
             if scored and problem.lookahead_nfe:
                 x0_hat = _ode_lookahead(problem, counts, x, at_rows, p, u)
             r = None
@@ -320,7 +345,7 @@ def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Te
                 start = time.perf_counter()
                 r = problem.reward(x0_hat, p)
                 counts.seconds["reward"] += time.perf_counter() - start
-                _score(problem, r, x.shape[0])
+                _score(problem, r, x.shape[0], grad)
             d = None
             if grad:
                 # autograd.grad (not backward) so that model parameters collect no .grad; rows are
@@ -380,6 +405,7 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     if not (isinstance(nfe, int) and nfe >= need):
         raise ValueError(f"{method} with {knobs or 'default knobs'} and num_steps={problem.num_steps} needs a budget "
                          f"of at least {need} NFE per prompt, got nfe={nfe!r}")
+    _fits(problem, method, knobs, nfe)
     P = problem.num_prompts
     # drawn one at a time, so the first seeds do not depend on P (prompt 0 alone == prompt 0 in a batch)
     seeds = [int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in range(P)]
@@ -390,6 +416,42 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     counts = new_counts(P, nfe)
     return _Run(problem, grid, g, _guidance(grid.c, g), counts, gens, callback, [], torch.full((P,), -math.inf),
                 counts.nfe.clone(), start=start)
+
+
+def _budget(nfe) -> int:
+    """An NFE budget as a Python int: any integral number (numpy integers too), not a bool or a float."""
+    if isinstance(nfe, bool) or not isinstance(nfe, numbers.Integral):
+        raise ValueError(f"nfe must be an integer, got {nfe!r}")
+    return int(nfe)
+
+
+def memory_bytes() -> int | None:
+    """Physical memory of this machine in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# A particle is held as x_t, u_t, x0_hat, the proposal and its noise (and a gradient under DPS):
+# about this many copies of a latent at once (a lower bound: the velocity's activations come on top).
+_COPIES_PER_PARTICLE = 6
+
+
+def _fits(problem: Problem, method: str, knobs: dict, nfe: int) -> None:
+    """ValueError when the particles this budget asks for cannot fit in memory (checked on the CPU),
+    before anything is allocated: BoN and SMC hold nfe // num_steps particles, CoDe / SVDD n k, RBF
+    n init_particles, SoP n k."""
+    k = knobs.get("k") or 1
+    init = knobs.get("init_particles") or 1
+    n = knobs.get("n") or 1
+    rows = problem.num_prompts * n * max(k, init)
+    itemsize = torch.empty((), dtype=problem.dtype).element_size()
+    need = rows * math.prod(problem.shape) * itemsize * _COPIES_PER_PARTICLE
+    have = memory_bytes() if str(problem.device) == "cpu" else None
+    if have is not None and need > have:
+        raise ValueError(f"{method} with nfe={nfe} holds {rows:,} particles at once ({need / 1e9:,.1f} GB), more than "
+                         f"this machine's {have / 1e9:,.1f} GB of memory; use a smaller budget")
 
 
 def _rows(run: _Run, n: int) -> Tensor:
@@ -539,9 +601,9 @@ def dps(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
 def _need_gradients(problem: Problem, beta: float) -> None:
     if not problem.differentiable:
         raise ValueError(f"gradient guidance needs a differentiable reward, and {problem.reward_name!r} is not "
-                         f"(Problem.differentiable=False); use a method without dps")
-    if not beta > 0:
-        raise ValueError(f"the guidance temperature beta must be > 0, got {beta}")
+                         f"(Problem.differentiable=False); use a differentiable reward or a method without dps")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or not beta > 0:
+        raise ValueError(f"the guidance temperature beta must be a finite number > 0, got {beta!r}")
     if problem.lookahead_nfe:
         raise ValueError(f"gradient guidance differentiates reward(x0_hat) (Eq. 30) and does not run with "
                          f"lookahead {problem.lookahead!r}; use lookahead 'tweedie' or a method without dps")
@@ -956,6 +1018,9 @@ def _knobs(method: str, knobs: dict) -> dict:
     fn = _function(method)
     allowed = [p for p in inspect.signature(fn).parameters if p not in ("problem", "nfe", "generator", "callback")]
     if method.endswith("+dps"):
+        if "dps_beta" in knobs and knobs["dps_beta"] is None:  # None would switch the guidance off
+            raise ValueError(f"{method} needs dps_beta > 0 (leave it out for the default {DPS_BETA}); "
+                             f"dps_beta=None is the unguided {method[:-4]!r}")
         knobs = {"dps_beta": DPS_BETA} | knobs
     elif method in ("svdd", "rbf") and knobs.get("dps_beta") is not None:
         raise ValueError(f"dps_beta switches on guidance: use method {method + '+dps'!r}")
@@ -968,7 +1033,7 @@ def _knobs(method: str, knobs: dict) -> dict:
 def run(method: str, problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
         **knobs) -> SearchResult:
     """Run a search by name: one of METHODS ("svdd+dps" / "rbf+dps" = svdd / rbf with DPS guidance)."""
-    return _function(method)(problem, nfe, generator=generator, callback=callback, **_knobs(method, knobs))
+    return _function(method)(problem, _budget(nfe), generator=generator, callback=callback, **_knobs(method, knobs))
 
 
 def min_nfe(method: str, problem: Problem, **knobs) -> int:
@@ -998,6 +1063,6 @@ def min_nfe(method: str, problem: Problem, **knobs) -> int:
 def _positive(method: str, name: str, value) -> int:
     if value is None:
         return 1
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
         raise ValueError(f"{method}: knob {name} must be an int >= 1, got {value!r}")
-    return value
+    return int(value)

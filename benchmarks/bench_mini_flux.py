@@ -4,7 +4,8 @@ Speed of the embedded mini-FLUX pipeline (not a test: the numbers go into the RE
     python benchmarks/bench_mini_flux.py [--threads 2] [--repeats 5]
 
 1. Velocity evaluations per second (NFE/s) of the pipeline's velocity function at batch sizes
-   1..64, float32, eager, no_grad: what every search method spends its budget on.
+   1..64, eager, no_grad, with the network in bf16 (the default, as the release is run) and in
+   float32, side by side in one process: what every search method spends its budget on.
 2. Search overhead at 500 NFE: the share of a search's wall time spent outside the velocity and
    reward calls (bookkeeping, proposals, Tweedie, selection), for BoN, SVDD and RBF on one prompt.
 3. Wall time of `python flowscale.py demo` (the default settings), measured in-process.
@@ -79,11 +80,17 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = flowscale.load_pipeline()
+    pipe32 = flowscale.load_pipeline(dtype=torch.float32)
+    print(f"model: {pipe.name}")
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}\n")
 
-    print("| batch | ms / call | NFE / s |\n|---|---|---|")
-    for B, ms, rate in nfe_per_second(pipe, [1, 2, 4, 8, 16, 32, 64], args.repeats):
-        print(f"| {B} | {ms:.1f} | {rate:.0f} |")
+    print("| batch | bf16 ms / call | bf16 NFE / s | float32 ms / call | float32 NFE / s | bf16 / float32 |\n"
+          "|---|---|---|---|---|---|")
+    batches = [1, 2, 4, 8, 16, 32, 64]
+    for B in batches:   # alternating per batch size, so both dtypes see the same machine load
+        (_, ms, rate), = nfe_per_second(pipe, [B], args.repeats)
+        (_, ms32, rate32), = nfe_per_second(pipe32, [B], args.repeats)
+        print(f"| {B} | {ms:.1f} | {rate:.0f} | {ms32:.1f} | {rate32:.0f} | {rate / rate32:.2f}x |")
 
     print("\n| method (500 NFE, 1 prompt) | wall s | overhead outside velocity + reward |\n|---|---|---|")
     for method, dynamics in [("bon", "linear-ode"), ("svdd", "vp-sde"), ("rbf", "vp-sde")]:

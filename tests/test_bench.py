@@ -1,9 +1,8 @@
 """Tests of bench.py (GitHub issue 5): outputs, resume, torchrun, and the claim-4 path.
 
-Everything runs on a tiny RANDOM model in the embedded layout (built once per module): the tables'
-numbers mean nothing, the tests check structure, bookkeeping and determinism. Its final layer's
-bias is set to 4, so every decoded image is almost black: the exact detector then costs ~0.2 ms per
-image instead of ~60 ms on a random model's noise images, which keeps this file well under a minute.
+Everything runs on a tiny RANDOM model in the embedded layout (tiny.write_tiny_shape_model, built
+once per module): the tables' numbers mean nothing, the tests check structure, bookkeeping and
+determinism. Its images are almost black, which keeps this file well under a minute.
 """
 
 import argparse
@@ -13,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,10 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
 import flowscale  # noqa: E402
-import model as M  # noqa: E402
 import rewards  # noqa: E402
 import toyworld  # noqa: E402
-import train  # noqa: E402
+from tiny import write_tiny_shape_model  # noqa: E402
 
 DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
 
@@ -34,25 +31,7 @@ DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A random mini-FLUX folder with the files and flowscale.json that train.py writes."""
-    folder = tmp_path_factory.mktemp("tiny-flux")
-    corpus = toyworld.train_prompts()
-    M.train_clip_bpe(corpus, 400, folder / "tokenizer")
-    M.train_t5_sentencepiece(corpus, 64, folder / "tokenizer_2")
-    clip_vocab = M.load_clip_tokenizer(folder).vocab_size
-    t5_vocab = M.load_t5_tokenizer(folder, max_length=24).vocab_size
-    torch.manual_seed(0)
-    flux = M.Flux(replace(train.MINI_FLUX, hidden_size=32, num_heads=2, depth=1, depth_single_blocks=1,
-                          axes_dim=[4, 6, 6], vec_in_dim=16, context_in_dim=16))  # in_channels 48: 32x32 RGB, PixelLatent(2)
-    torch.nn.init.constant_(flux.final_layer.linear.bias, 4.0)  # near-black images (see the module docstring)
-    M.save_flux(flux, folder / "transformer")
-    M.save_t5(M.T5Encoder(replace(train.MINI_T5, vocab_size=t5_vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                  num_heads=2)), folder / "text_encoder_2")
-    M.save_clip_text(M.CLIPText(replace(train.MINI_CLIP, vocab_size=clip_vocab, hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2)), folder / "text_encoder")
-    meta = {"pixel_space": True, "latent_factor": 2, "height": 32, "width": 32, "channels": 3, "t5_max_length": 24,
-            "world": "shapes"}
-    (folder / "flowscale.json").write_text(json.dumps(meta))
-    return folder
+    return write_tiny_shape_model(tmp_path_factory.mktemp("tiny-flux"))
 
 
 def args(*argv) -> argparse.Namespace:
