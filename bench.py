@@ -75,7 +75,8 @@ TASKS = {"counting": "counting", "composition": "composition"}  # task -> its gi
 PARTICLE_METHODS = ("smc", "code", "svdd", "rbf")  # claims 1-2
 LINEAR_ODE_ONLY = ("bon", "sop")  # run with the linear ODE only, as in the paper's Table 1
 COLUMNS = ["task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt",
-           "given_reward", "rss", "accuracy", "composition", "nfe_used", "nfe_per_step", "seconds", "image_sha"]
+           "given_reward", "rss", "accuracy", "composition", "fidelity", "counter_accuracy", "nfe_used",
+           "nfe_per_step", "seconds", "image_sha"]
 # One row per key. A row's noise depends on its chunk and its place in it, so --batch and the prompt's
 # position (prompt_id) belong to the key: a resume with another --batch or prompt order runs new rows
 # instead of mixing them with the old ones (the report reads only the rows of the current plan).
@@ -314,7 +315,9 @@ def run_unit(pipe: F.Pipeline, cfg: BenchConfig, unit: Unit) -> UnitOutput:
         rows.append(dict(zip(KEY, key)) | {
             "given_reward": _num(gen.reward[j]),
             "rss": _num(metrics["rss"]) if metrics else "", "accuracy": _num(metrics["accuracy"]) if metrics else "",
-            "composition": _num(metrics["composition"]) if metrics else "", "nfe_used": str(gen.nfe_used[j]),
+            "composition": _num(metrics["composition"]) if metrics else "",
+            "fidelity": _num(metrics["fidelity"]) if metrics else "",
+            "counter_accuracy": _num(metrics["counter_accuracy"]) if metrics else "", "nfe_used": str(gen.nfe_used[j]),
             "nfe_per_step": "|".join(str(int(s.nfe[j])) for s in gen.result.trace),
             "seconds": f"{gen.seconds / len(prompts):.3f}",
             "image_sha": image_sha(gen.images[j])})
@@ -510,7 +513,7 @@ def mean_se(values: list[float]) -> Stat:
     return Stat(float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan, len(v))
 
 
-METRICS = ("given_reward", "rss", "accuracy", "composition", "nfe_used", "seconds")
+METRICS = ("given_reward", "rss", "accuracy", "composition", "fidelity", "counter_accuracy", "nfe_used", "seconds")
 
 
 @dataclass
@@ -562,7 +565,8 @@ def table1(cfg: BenchConfig, s: dict, nfe: int, methods: list[str]) -> list[str]
     lines = ["| metric | " + " | ".join(f"{LABEL[m]} {ABBR[d]}" for m, d, _ in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for metric, name in (("given_reward", f"{reward_label(cfg)} †"), ("rss", "RSS ↓"), ("accuracy", "accuracy ↑"),
-                         ("composition", "composition ↑")):
+                         ("composition", "composition ↑"), ("fidelity", "fidelity ↑"),
+                         ("counter_accuracy", "learned-counter accuracy ↑")):
         cells = []
         for m, d, n in cols:
             base = s.get((m, "linear-ode", n)) if d != "linear-ode" else None
@@ -573,12 +577,12 @@ def table1(cfg: BenchConfig, s: dict, nfe: int, methods: list[str]) -> list[str]
 
 def table45(cfg: BenchConfig, s: dict) -> list[str]:
     """Like the paper's Tables 4-5: one line per method, dynamics and NFE."""
-    lines = [f"| method | dynamics | NFE | {reward_label(cfg)} † | RSS ↓ | accuracy ↑ | composition ↑ | NFE used | "
-             f"s / prompt | n |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | dynamics | NFE | {reward_label(cfg)} † | RSS ↓ | accuracy ↑ | composition ↑ | fidelity ↑ | "
+             f"NFE used | s / prompt | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (m, d, n), v in sorted(s.items(), key=lambda kv: (F.METHODS.index(kv[0][0]), F.DYNAMICS.index(kv[0][1]), kv[0][2])):
         st = v.stats
         lines.append(f"| {LABEL[m]} | {d} | {n} | {st['given_reward']} | {st['rss']} | {st['accuracy']} | "
-                     f"{st['composition']} | {st['nfe_used'].mean:.1f} | {st['seconds'].mean:.2f} | {st['given_reward'].n} |")
+                     f"{st['composition']} | {st['fidelity']} | {st['nfe_used'].mean:.1f} | {st['seconds'].mean:.2f} | {st['given_reward'].n} |")
     return lines
 
 
