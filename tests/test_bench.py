@@ -101,7 +101,7 @@ def test_quick_report_has_the_tables_and_the_figures(quick):
     assert "BoN L.S." not in md and "bon vp-sde: BoN and SoP are Linear-ODE methods" in md
     sections = {part.split("\n", 1)[0]: part for part in md.split("\n## ")}
     table45 = [line for line in sections["Tables 4-5 layout: every budget"].splitlines() if line.startswith("| RBF | vp-sde |")]
-    assert len(table45) == 2 and all(line.count(" ± ") == 4 for line in table45)  # given, RSS, accuracy, composition
+    assert len(table45) == 2 and all(line.count(" ± ") == 5 for line in table45)  # given, RSS, accuracy, composition, fidelity
     diversity = sections["Diversity from one x_t (claim 2)"]
     assert "| linear-sde | " in diversity and "| vp-sde | " in diversity
     per_step = [line for line in sections["RBF: NFE spent per grid index (mean over prompts and seeds)"].splitlines()
