@@ -1,5 +1,5 @@
 """
-bench: the paper's claims, reproduced in miniature on a CPU (GitHub issue 5).
+bench: the paper's claims, reproduced in miniature on a CPU.
 
 Kim, Yoon, Hwang, Sung 2025, "Inference-Time Scaling for Flow Models via Stochastic Generation and
 Rollover Budget Forcing", arXiv 2503.19385. The embedded mini-FLUX stands in for FLUX, the exact

@@ -358,7 +358,7 @@ def get_reward(name: str, counter_folder: str | Path = DEFAULT_COUNTER, *, weigh
 
 
 # -----------------------------------------------------------------------------------------------
-# Real-image rewards: CLIPScore and the LAION aesthetic predictor     (section owner: clipvis helper)
+# Real-image rewards: CLIPScore and the LAION aesthetic predictor
 #
 # The paper's aesthetic task (App. E.1, Table 2) guides FLUX with the gradient of the LAION
 # "improved aesthetic predictor" (sac+logos+ava1-l14-linearMSE.pth), an MLP on the L2-normalised

@@ -1,4 +1,4 @@
-"""Tests of bench.py (GitHub issue 5): outputs, resume, torchrun, and the claim-4 path.
+"""Tests of bench.py: outputs, resume, torchrun, and the claim-4 path.
 
 Everything runs on a tiny RANDOM model in the embedded layout (tiny.write_tiny_shape_model, built
 once per module): the tables' numbers mean nothing, the tests check structure, bookkeeping and

@@ -1,7 +1,7 @@
 """The real-FLUX.1 code path of flowscale.py, end to end, on tiny random FLUX.1 repositories.
 
 No FLUX.1 weights can be downloaded here, so this module writes, once, tiny random repositories in
-the release layout of black-forest-labs/FLUX.1-schnell and FLUX.1-dev (notes/flux.md Sec. 2):
+the release layout of black-forest-labs/FLUX.1-schnell and FLUX.1-dev:
 
     model_index.json, scheduler/scheduler_config.json
     transformer/      diffusers FluxTransformer2DModel: config.json + diffusion_pytorch_model.safetensors

@@ -93,7 +93,7 @@ def test_get_interpolant_names():
 
 
 def test_snr_matched_times_match_the_paper_table():
-    # notes/paper.md 2.4: VP times 1.0, 0.6, 0.4359 correspond to CondOT times 0.9935, 0.8591, 0.7087
+    # the paper's App. C: VP times 1.0, 0.6, 0.4359 correspond to CondOT times 0.9935, 0.8591, 0.7087
     s = torch.tensor([1.0, 0.6, 0.4359], dtype=F64)
     t_s = sde.time_to_source(s, LinearInterpolant(), VPInterpolant())
     torch.testing.assert_close(t_s, torch.tensor([0.9935, 0.8591, 0.7087], dtype=F64), rtol=0, atol=6e-5)
@@ -369,10 +369,10 @@ def test_time_grids():
     uniform = torch.linspace(1, 0, 11, dtype=F64)
     torch.testing.assert_close(sde.time_grid(10), uniform)
     torch.testing.assert_close(sde.time_grid(10, "exp"), torch.sqrt(1 - (1 - uniform) ** 2))
-    # the App. C grid of notes/paper.md 2.4 (10 steps)
+    # the paper's App. C exp grid (10 steps)
     torch.testing.assert_close(sde.time_grid(10, "exp")[1:10], torch.tensor(
         [0.9950, 0.9798, 0.9539, 0.9165, 0.8660, 0.8000, 0.7141, 0.6000, 0.4359], dtype=F64), rtol=0, atol=5e-5)
-    # FLUX-dev 4-step schedules of notes/flux.md 3 (4096 and 1024 image tokens)
+    # FLUX-dev 4-step schedules of BFL's get_schedule (4096 and 1024 image tokens)
     torch.testing.assert_close(sde.time_grid(4, shift=sde.flux_shift(4096)),
                                torch.tensor([1, 0.9045, 0.7595, 0.5128, 0], dtype=F64), rtol=0, atol=5e-5)
     torch.testing.assert_close(sde.time_grid(4, shift=sde.flux_shift(1024)),
