@@ -398,10 +398,9 @@ def train(cfg: TrainConfig) -> tuple[Path, Path]:
 
 EVAL_RUNS = {   # label -> generate() settings; every method returns x0_hat at its last grid time
     "plain Linear-ODE, 10 steps": dict(method="none", dynamics="linear-ode", nfe=10, num_steps=10),
-    "1-step image (x0_hat at t = 1)": dict(method="none", dynamics="linear-ode", nfe=1, num_steps=1),
+    "1-step image (x0_hat at t = 1)": None,   # one_step_images: no search has a single step
     "plain Linear-SDE, 10 steps": dict(method="none", dynamics="linear-sde", nfe=10, num_steps=10),
     "plain VP-SDE, 10 steps": dict(method="none", dynamics="vp-sde", nfe=10, num_steps=10),
-    "BoN (Linear-ODE), 500 NFE": dict(method="bon", dynamics="linear-ode", nfe=500, num_steps=10),
 }
 
 
@@ -410,29 +409,49 @@ def _mean_se(values: list[float]) -> dict:
     return {"mean": round(float(v.mean()), 4), "se": round(float(v.std(ddof=1) / np.sqrt(len(v))), 4)}
 
 
-def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int = 50) -> dict:
+def one_step_images(pipe, prompts: list[str], seed: int):
+    """x0_hat at t = 1 (Eq. 19 with x_1 = eps): the model's image after a single NFE, (P, 3, H, W).
+    The noise is the one generate() draws for a plain sampler's first particle with this seed."""
+    import flowscale
+
+    cond = flowscale.encode_prompts(pipe, prompts)
+    velocity = flowscale.make_velocity(pipe, cond)
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn((len(prompts), *pipe.latent_shape), generator=g)           # (P, C, H, W)
+    with torch.no_grad():
+        u = velocity(eps, torch.ones(len(prompts)), torch.arange(len(prompts)))
+        return flowscale.decode(pipe, eps - u)                                    # x0_hat = x_1 - 1 * u_1
+
+
+def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int = 50, bon_nfe: int = 500) -> dict:
     """The samplers of EVAL_RUNS on the first `n_prompts` hard held-out prompts of each task
     (toyworld.heldout_prompts(kind, n, seed, split="hard")), one sample per prompt, scored by the
     held-out metrics of flowscale.heldout_metrics: exact-count accuracy and mean RSS (counting),
     fraction of facts (composition), fidelity and the learned counter's accuracy, each as mean and
-    standard error over prompts. BoN (given reward: the exact counting reward) runs on counting only,
-    where it shows how much room the task leaves above best-of-N. Written into flowscale.json
-    under "eval" and returned."""
+    standard error over prompts. BoN at `bon_nfe` (0: skipped; given reward: the exact counting
+    reward) runs on counting only, where it shows how much room the task leaves above best-of-N.
+    Written into flowscale.json under "eval" and returned."""
     import flowscale  # the pipeline imports this module's neighbours, not this module
 
     pipe = flowscale.load_pipeline(folder)
+    runs = dict(EVAL_RUNS)
+    if bon_nfe:
+        runs[f"BoN (Linear-ODE), {bon_nfe} NFE"] = dict(method="bon", dynamics="linear-ode", nfe=bon_nfe, num_steps=10)
     scores = {}
     for kind in ("counting", "composition"):
         prompts = toyworld.heldout_prompts(kind, n_prompts, seed=seed, split="hard")
         scores[kind] = {}
-        for label, settings in EVAL_RUNS.items():
-            if settings["method"] == "bon" and kind != "counting":
+        for label, settings in runs.items():
+            if settings is not None and settings["method"] == "bon" and kind != "counting":
                 continue
             start, metrics = time.perf_counter(), []
             for i in tqdm(range(0, n_prompts, batch), desc=f"eval {Path(folder).name} {kind}: {label}",
                           dynamic_ncols=True):
-                gen = flowscale.generate(pipe, prompts[i:i + batch], reward=kind, seed=seed + i, **settings)
-                metrics += gen.metrics
+                chunk = prompts[i:i + batch]
+                if settings is None:
+                    metrics += flowscale.heldout_metrics(one_step_images(pipe, chunk, seed + i), chunk, pipe.counter)
+                else:
+                    metrics += flowscale.generate(pipe, chunk, reward=kind, seed=seed + i, **settings).metrics
             keys = ("accuracy", "rss") if kind == "counting" else ("composition",)
             scores[kind][label] = {**{k: _mean_se([m[k] for m in metrics])
                                       for k in (*keys, "fidelity", "counter_accuracy")},
@@ -459,14 +478,17 @@ def main():
             parser.add_argument(flag, type=type(field.default), default=field.default)
     parser.add_argument("--eval-only", action="store_true", help="only evaluate the models in --out-dev and --out-schnell")
     parser.add_argument("--no-eval", action="store_true", help="train without the evaluation at the end")
-    parser.add_argument("--eval-prompts", type=int, default=200, help="held-out prompts per task in the evaluation")
+    parser.add_argument("--eval-prompts", type=int, default=200, help="hard held-out prompts per task in the evaluation")
+    parser.add_argument("--eval-bon-nfe", type=int, default=500,
+                        help="budget of the best-of-N row of the evaluation (0: skip it; it costs most of the time)")
     args = vars(parser.parse_args())
     eval_only, no_eval, eval_prompts = args.pop("eval_only"), args.pop("no_eval"), args.pop("eval_prompts")
+    bon_nfe = args.pop("eval_bon_nfe")
     cfg = TrainConfig(**args)
     folders = (Path(cfg.out_dev), Path(cfg.out_schnell)) if eval_only else train(cfg)
     if not no_eval:
         for folder in folders:
-            evaluate(folder, eval_prompts, seed=cfg.seed)
+            evaluate(folder, eval_prompts, seed=cfg.seed, bon_nfe=bon_nfe)
 
 
 if __name__ == "__main__":
