@@ -454,27 +454,6 @@ def time_grid(num_steps: int, kind: str = "uniform", shift: float | None = None)
     return t
 
 
-def shift_times(t: Tensor, shift: float, path: Interpolant) -> Tensor:
-    """FLUX's resolution shift applied to a grid `t` of `path` times, in the model's own time.
-
-    The shift t' = shift t / (1 + (shift - 1) t) (BFL's time_shift: exp(mu) / (exp(mu) + 1 / t - 1))
-    says at which noise levels a FLUX.1 model is sampled, so it acts on the linear (model) time:
-    each grid time is taken to the linear time of the same SNR (Eq. 10), shifted, and brought back
-    to `path`. On the linear path that is the shift itself. The endpoints stay (on the VP path the
-    shifted t_0 would lie beyond its t = 1), so t[0] and t[-1] are those of the grid given.
-    """
-    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-    linear = LinearInterpolant()
-    t_lin = t if isinstance(path, LinearInterpolant) else time_to_source(t, linear, path)
-    shifted = shift * t_lin / (1 + (shift - 1) * t_lin)
-    if not isinstance(path, LinearInterpolant):
-        c = linear(shifted)
-        shifted = path.snr_inverse(c.alpha_t / c.sigma_t)
-    shifted[0], shifted[-1] = t[0], t[-1]
-    return shifted
-
-
 # -----------------------------------------------------------------------------------------------
 # 6. The exact flow of a Gaussian mixture, p0 = sum_k w_k N(m_k, s_k^2 I). On any path,
 #    p_t = sum_k w_k N(alpha_t m_k, v_k I) with v_k = alpha_t^2 s_k^2 + sigma_t^2. Given the component

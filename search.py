@@ -100,7 +100,7 @@ class Problem:
     dynamics: str = "vp-sde"  # "linear-ode" | "linear-sde" | "vp-sde" (Sec. 4, Table 1)
     num_steps: int = 10  # T denoising steps (paper: 10)
     time_grid: str = "exp"  # "exp" (App. C, official code) or "uniform", in the time of the sampled path
-    # FLUX's resolution shift of the grid (sde.shift_times, in the model's linear time), None = unshifted.
+    # FLUX's resolution shift t -> s t / (1 + (s - 1) t) of the grid (sde.time_grid), None = unshifted.
     # FLUX.1-dev is sampled shifted by BFL (sde.flux_shift of its token count); schnell and the embedded
     # models are not. Search over Paths keeps its own fixed schedule (t_start, delta_f, delta_b).
     time_shift: float | None = None
@@ -441,9 +441,13 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
 
 def grid_times(problem: Problem) -> Tensor:
     """The search's time grid t_0 = 1 > ... > t_T = 0 on the sampled path (float64, CPU): the
-    problem's `time_grid`, shifted by `time_shift` in the model's time when given (sde.shift_times)."""
-    ts = sde.time_grid(problem.num_steps, problem.time_grid)
-    return ts if problem.time_shift is None else sde.shift_times(ts, float(problem.time_shift), problem.path)
+    problem's `time_grid`, then shifted by `time_shift` when given (sde.time_grid)."""
+    # The shift warps the grid in the time of the sampled path, as the exp grid does (App. C): for the
+    # linear dynamics that is BFL's schedule of the model's own time; under vp-sde the same warp of the
+    # VP-time grid (warping the model's time instead would push VP times beyond t = 1, where the VP path
+    # ends at SNR 0.0066)
+    return sde.time_grid(problem.num_steps, problem.time_grid,
+                         shift=None if problem.time_shift is None else float(problem.time_shift))
 
 
 def _budget(nfe) -> int:
