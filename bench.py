@@ -555,8 +555,8 @@ def summarize(rows: list[dict]) -> dict[tuple[str, str, int], Summary]:
 
 
 def reward_label(cfg: BenchConfig) -> str:
-    return {"counting": "−RSS (counting)", "composition": "composition score",
-            "learned-counter": "learned counter"}[cfg.reward]
+    labels = {"counting": "−RSS (counting)", "composition": "composition score", "learned-counter": "learned counter"}
+    return labels.get(cfg.reward) or f"{cfg.reward_fn.name} (plugin)"
 
 
 def _percent(value: Stat, base: Stat | None) -> str:

@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -549,6 +550,10 @@ def load_reward_plugin(spec: str) -> PluginReward:
     if isinstance(obj, type) or not _is_reward(obj):  # a class or a factory of no arguments
         if not callable(obj):
             raise ValueError(f"--reward {spec!r}: {name} is a {type(obj).__name__}, not a reward or a function")
+        if _required_arguments(obj):
+            raise ValueError(f"--reward {spec!r}: {name} takes arguments, so it is not a factory of no arguments, and "
+                             f"it is not a reward: a reward is callable as reward(images, prompts) and has name "
+                             f"(str) and differentiable (bool)")
         try:
             obj = obj()
         except Exception as e:
@@ -557,6 +562,15 @@ def load_reward_plugin(spec: str) -> PluginReward:
         raise ValueError(f"--reward {spec!r}: {name} gives a {type(obj).__name__}, which is not a reward: a reward is "
                          f"callable as reward(images, prompts) and has name (str) and differentiable (bool)")
     return PluginReward(obj, spec)
+
+
+def _required_arguments(fn) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return False
+    return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               for p in parameters)
 
 
 def _is_reward(obj) -> bool:
