@@ -80,8 +80,9 @@ class Repo:
     ae: torch.nn.Module  # model.AutoEncoder
 
 
-def write_repo(folder: Path, variant: str, seed: int) -> Repo:
-    """A random FLUX.1-{schnell,dev}-like repository in the release layout (see the module docstring)."""
+def write_repo(folder: Path, variant: str, seed: int, f8: bool | None = None) -> Repo:
+    """A random FLUX.1-{schnell,dev}-like repository in the release layout (tests/test_real_flux_path.py).
+    The autoencoder is 8x (as FLUX.1's) for schnell and 2x for dev, unless f8 says otherwise."""
     import model as M
 
     dev = variant == "dev"
@@ -94,7 +95,7 @@ def write_repo(folder: Path, variant: str, seed: int) -> Repo:
     t5 = M.T5Encoder(dataclasses.replace(M.T5_CONFIGS["tiny"], vocab_size=t5_vocab + 28)).eval()
     # 77 positions: FLUX's CLIP tokenizer pads every prompt to 77 ids
     clip = M.CLIPText(dataclasses.replace(M.CLIP_CONFIGS["tiny"], vocab_size=clip_vocab)).eval()
-    ae = M.AutoEncoder(M.AE_CONFIGS["tiny"] if dev else ae_8x()).eval()
+    ae = M.AutoEncoder(ae_8x() if (not dev if f8 is None else f8) else M.AE_CONFIGS["tiny"]).eval()
     flux = M.Flux(M.FluxParams(in_channels=4 * ae.params.z_channels, vec_in_dim=clip.cfg.hidden_size,
                                context_in_dim=t5.cfg.d_model, hidden_size=128, mlp_ratio=4.0, num_heads=1,
                                depth=2, depth_single_blocks=1, axes_dim=(16, 56, 56), theta=10_000,
