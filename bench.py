@@ -109,6 +109,9 @@ class BenchConfig:
     diversity_step: int  # grid index of the shared x_t (3 of 10 steps)
     lookahead: str = "tweedie"  # search.Problem.lookahead of every search
     rbf_knobs: dict = field(default_factory=dict)  # --allocation / --threshold, for rbf and rbf+dps only
+    reward_fn: object = None  # a plugin's reward object (--reward module:NAME); None: the built-in `reward`
+    placement: dict = field(default_factory=dict)  # load_pipeline's device, dtype, offload, compile (this rank's)
+    max_batch: int = 64  # latents per velocity call
 
 
 @dataclass
@@ -139,11 +142,7 @@ def _split(text: str, name: str, known: tuple[str, ...]) -> list[str]:
 def load_prompts(spec: str, task: str, seed: int) -> list[str]:
     """--prompts: a number N (the first N held-out prompts of the task) or a file, one prompt a line."""
     if Path(spec).is_file():
-        prompts = [line.strip() for line in Path(spec).read_text().splitlines()]
-        prompts = [p for p in prompts if p and not p.startswith("#")]
-        if not prompts:
-            raise ValueError(f"--prompts: no prompts in {spec}")
-        return list(dict.fromkeys(prompts))
+        return F.read_prompt_file(spec)
     if spec.isdigit() and int(spec) >= 1:
         if not 0 <= seed <= F.MAX_SEED:
             raise ValueError(f"--prompt-seed must be from 0 to {F.MAX_SEED}, got {seed}")
@@ -157,9 +156,20 @@ def config_from_args(args) -> BenchConfig:
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     reward = args.reward or TASKS[args.task]
-    if reward not in R.REWARD_NAMES:
-        raise ValueError(f"--reward must be one of {', '.join(R.REWARD_NAMES)}, got {reward!r}")
-    default_methods = "none,dps,svdd+dps,rbf+dps" if reward == "learned-counter" else "none,bon,sop,smc,code,svdd,rbf"
+    plugin = ":" in reward and reward not in R.REWARD_NAMES
+    if not plugin and reward not in R.REWARD_NAMES:
+        raise ValueError(f"--reward must be one of {', '.join(R.REWARD_NAMES)}, or module:NAME / "
+                         f"path/to/file.py:NAME, got {reward!r}")
+    # every rank takes its own GPU under torchrun (--device cuda: rank r on cuda:LOCAL_RANK)
+    device = rank_device(args.device, int(os.environ.get("WORLD_SIZE", "1")),
+                         int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
+    placement = F.device_settings(argparse.Namespace(device=device, dtype=args.dtype, offload=args.offload,
+                                                     compile=args.compile))
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    reward_fn = F.load_reward_plugin(reward) if plugin else None  # imported before the model loads
+    differentiable = reward_fn.differentiable if plugin else reward == "learned-counter"
+    default_methods = "none,dps,svdd+dps,rbf+dps" if differentiable else "none,bon,sop,smc,code,svdd,rbf"
     try:
         nfe = sorted({int(s) for s in str(pick("nfe")).split(",") if s.strip()})
     except ValueError:
@@ -178,13 +188,23 @@ def config_from_args(args) -> BenchConfig:
                        steps=args.steps, batch=args.batch, out=Path(args.out), model=args.model, height=args.height,
                        width=args.width, diversity_samples=pick("diversity_samples"),
                        diversity_prompts=pick("diversity_prompts"), diversity_step=max(1, round(0.3 * args.steps)),
-                       lookahead=args.lookahead, rbf_knobs=F.search_knobs(args))
+                       lookahead=args.lookahead, rbf_knobs=F.search_knobs(args), reward_fn=reward_fn,
+                       placement=placement, max_batch=args.max_batch)
+
+
+def rank_device(spec: str, world: int, local_rank: int) -> str:
+    """The --device of this process: under torchrun (world > 1) --device cuda puts local rank r on cuda:r,
+    one process per GPU; a fixed cuda:N would put every rank on one GPU and is refused."""
+    if world > 1 and spec.startswith("cuda:"):
+        raise ValueError(f"--device {spec} under torchrun would put all {world} processes on one GPU; give "
+                         f"--device cuda (rank r takes cuda:r)")
+    return f"cuda:{local_rank}" if world > 1 and spec == "cuda" else spec
 
 
 def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
     """All units of the run, cheapest budget first (early tables of every method), and the skipped
     combinations with the reason."""
-    differentiable = R.get_reward(cfg.reward).differentiable
+    differentiable = (cfg.reward_fn or R.get_reward(cfg.reward)).differentiable
     chunks = [list(range(lo, min(lo + cfg.batch, len(cfg.prompts)))) for lo in range(0, len(cfg.prompts), cfg.batch)]
     units, notes = [], []
     for method in cfg.methods:
@@ -307,8 +327,8 @@ def chunk_seed(seed: int, chunk: int) -> int:
 def run_unit(pipe: F.Pipeline, cfg: BenchConfig, unit: Unit) -> UnitOutput:
     prompts = [cfg.prompts[i] for i in unit.prompt_ids]
     gen = F.generate(pipe, prompts, method=unit.method, dynamics=unit.dynamics, nfe=unit.nfe, num_steps=cfg.steps,
-                     reward=cfg.reward, seed=chunk_seed(unit.seed, unit.chunk), lookahead=cfg.lookahead,
-                     **knobs_of(cfg, unit.method))
+                     reward=cfg.reward_fn or cfg.reward, seed=chunk_seed(unit.seed, unit.chunk),
+                     lookahead=cfg.lookahead, max_batch=cfg.max_batch, **knobs_of(cfg, unit.method))
     rows = []
     for j, (key, i) in enumerate(zip(unit_keys(cfg, unit), unit.prompt_ids)):
         metrics = gen.metrics[j] if gen.metrics else {}
@@ -439,12 +459,14 @@ def diversity(pipe: F.Pipeline, prompts: list[str], *, steps: int, branch_step: 
     cond = F.encode_prompts(pipe, prompts)
     model_velocity = F.make_velocity(pipe, cond)
     P, M = len(prompts), samples
-    eps = torch.randn((P, *pipe.latent_shape), generator=torch.Generator().manual_seed(seed))  # (P, C, H, W)
+    # the CPU draws the noise (the same on every device), the model's device runs the rest
+    eps = torch.randn((P, *pipe.latent_shape), generator=torch.Generator().manual_seed(seed)).to(pipe.device)
     result = {}
     for dynamics in ("linear-sde", "vp-sde"):
         problem = search.Problem(velocity=model_velocity, reward=lambda x, p: x.flatten(1).sum(1),
-                                 shape=pipe.latent_shape, dynamics=dynamics, num_steps=steps)
-        ts = sde.time_grid(steps, problem.time_grid).float()
+                                 shape=pipe.latent_shape, dynamics=dynamics, num_steps=steps,
+                                 time_shift=pipe.time_shift, device=pipe.device)
+        ts = search.grid_times(problem).float().to(pipe.device)  # the searches' grid (FLUX.1-dev: shifted)
 
         def velocity(x, t, prompt):  # the sampled path's velocity (Eq. 11 for VP), 16 latents a call
             out = []
@@ -456,12 +478,12 @@ def diversity(pipe: F.Pipeline, prompts: list[str], *, steps: int, branch_step: 
                 out.append(model(x[lo:lo + 16], t[lo:lo + 16]))
             return torch.cat(out)
 
-        x, ids = eps.clone(), torch.arange(P)
+        x, ids = eps.clone(), torch.arange(P, device=pipe.device)
         for i in range(branch_step):
             t = ts[i].expand(P)
             x = sde.euler_step(x, velocity(x, t, ids), t, ts[i + 1])
         x, ids = x.repeat_interleave(M, 0), ids.repeat_interleave(M)  # (P M, C, H, W): M copies of each x_t
-        noise = torch.Generator().manual_seed(seed + 1)
+        noise = torch.Generator(device=pipe.device).manual_seed(seed + 1)
         for i in range(branch_step, steps):
             t = ts[i].expand(P * M)
             u_t = velocity(x, t, ids)
@@ -469,7 +491,7 @@ def diversity(pipe: F.Pipeline, prompts: list[str], *, steps: int, branch_step: 
                 x0_hat = sde.x0_hat_from_velocity(u_t, x, problem.path(t))
             else:
                 x = sde.euler_maruyama_step(x, u_t, t, ts[i + 1], problem.path, problem.g, generator=noise)
-        images = F.decode(pipe, x0_hat).reshape(P, M, -1)  # (P, M, 3 H W)
+        images = F.decode(pipe, x0_hat).cpu().reshape(P, M, -1)  # (P, M, 3 H W)
         result[dynamics] = [float(torch.pdist(images[p].double()).mean()) for p in range(P)]
     return result
 
@@ -533,8 +555,8 @@ def summarize(rows: list[dict]) -> dict[tuple[str, str, int], Summary]:
 
 
 def reward_label(cfg: BenchConfig) -> str:
-    return {"counting": "−RSS (counting)", "composition": "composition score",
-            "learned-counter": "learned counter"}[cfg.reward]
+    labels = {"counting": "−RSS (counting)", "composition": "composition score", "learned-counter": "learned counter"}
+    return labels.get(cfg.reward) or f"{cfg.reward_fn.name} (plugin)"
 
 
 def _percent(value: Stat, base: Stat | None) -> str:
@@ -783,7 +805,8 @@ def write_report(cfg: BenchConfig, rows: list[dict], notes: list[str], div: dict
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `python flowscale.py bench` (defaults in brackets: full run / --quick)."""
     parser.add_argument("--task", default="counting", help="counting | composition: prompt kind and given reward")
-    parser.add_argument("--reward", default=None, help="given reward: the task's, or learned-counter (claim 4)")
+    parser.add_argument("--reward", default=None, help="given reward: the task's, or learned-counter (claim 4), or "
+                                                       "your own: module:NAME | path/to/file.py:NAME")
     parser.add_argument("--methods", default=None, help="comma list of " + ", ".join(F.METHODS) +
                         " [none,bon,sop,smc,code,svdd,rbf; learned-counter: none,dps,svdd+dps,rbf+dps]")
     parser.add_argument("--dynamics", default=",".join(F.DYNAMICS), help="comma list of " + ", ".join(F.DYNAMICS))
@@ -801,6 +824,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=1024, help="image width (real FLUX.1 only)")
     parser.add_argument("--out", default="out/bench", help="output folder; an existing one is resumed")
     F.add_search_arguments(parser)
+    F.add_device_arguments(parser)
 
 
 def lock(out: Path):
@@ -912,7 +936,12 @@ def _run_locked(cfg: BenchConfig, d: Dist, units: list[Unit], pending: list[Unit
     def get_pipe():
         nonlocal pipe
         if pipe is None:
-            pipe = F.load_pipeline(cfg.model, height=cfg.height, width=cfg.width)
+            device = cfg.placement["device"]
+            if device.type == "cuda":  # this rank's GPU is also the default one (library kernels)
+                torch.cuda.set_device(device)
+            pipe = F.load_pipeline(cfg.model, height=cfg.height, width=cfg.width, **cfg.placement)
+            if cfg.reward_fn is None and device.type != "cpu":  # the learned counter runs beside the model
+                cfg.reward_fn = F.load_reward(cfg.reward, device=device)
             # every rank fails alike on a bad prompt, before any gather
             F.check_prompts(pipe, F.normalise_prompts(pipe, cfg.prompts))
         return pipe

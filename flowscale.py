@@ -31,7 +31,11 @@ folder in the Hugging Face layout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import importlib
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -48,6 +52,7 @@ from tqdm import tqdm
 
 import model as M
 import rewards as R
+import sde
 import search
 import toyworld
 
@@ -59,6 +64,62 @@ DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
 # noise. So a seed is an integer in [0, 2**32) and anything else is refused.
 MAX_SEED = 2**32 - 1
 MAX_PROMPTS = 1000  # held-out prompts one command may ask for (the pool holds a few thousand per task)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # --dtype
+
+# -----------------------------------------------------------------------------------------------
+# Devices and dtypes (--device, --dtype): checked before anything is loaded
+
+
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """--device: cpu, cuda (= cuda:0), cuda:N or mps, checked against this machine (ValueError)."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {spec!r}; choose cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"--device {spec}: CUDA is not available here (torch {torch.__version__}, {build}); "
+                             f"use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {spec}: Apple's MPS backend is not available here; use --device cpu")
+        return device
+    raise ValueError(f"unknown device {spec!r}; choose cpu, cuda, cuda:N or mps")
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """--dtype (bfloat16, float16, float32) of the networks, checked against the device (ValueError).
+    A GPU without native bfloat16 (before NVIDIA's Ampere, e.g. V100 or T4) would emulate it slowly, so it
+    is refused and float16 named (T5 is known to overflow in float16: float32 is the safe choice there)."""
+    dtype = name if isinstance(name, torch.dtype) else DTYPES.get(name)
+    # the API also takes any floating torch.dtype (float64 for gradient checks); the CLI takes the names
+    if dtype is None or not dtype.is_floating_point:
+        raise ValueError(f"unknown dtype {name!r}; choose {', '.join(DTYPES)}")
+    label = str(dtype).removeprefix("torch.")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not _native_bf16(device):
+        raise ValueError(f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no native bfloat16; use "
+                         f"--dtype float16 or float32")
+    try:  # what the device cannot run at all fails here, in one line, before minutes of loading
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        (a @ a).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--dtype {label} does not run on {device}: {str(e).splitlines()[0]}") from None
+    return dtype
+
+
+def _native_bf16(device: torch.device) -> bool:
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch: no emulation argument
+        return torch.cuda.is_bf16_supported()
 
 # -----------------------------------------------------------------------------------------------
 # Loading a model: the embedded mini-FLUX or a real FLUX.1 folder
@@ -80,16 +141,27 @@ class Pipeline:
     name: str = ""                                  # where it was loaded from
     counter: R.LearnedCounter | None = None         # shape world: the second counter of the held-out metrics
     lowercase: bool = False                         # T5's vocabulary has no capitals: prompts are lower-cased
+    device: torch.device = torch.device("cpu")      # where the velocity network and the particles live
+    offload: bool = False                           # text encoders and autoencoder wait on the CPU between uses
+    time_shift: float | None = None                 # FLUX.1-dev: BFL's resolution shift of the time grid
 
 
 def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: int = 1024,
-                  device: str = "cpu", dtype: torch.dtype | None = None, guidance: float = 3.5) -> Pipeline:
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None, guidance: float = 3.5,
+                  offload: bool = False, compile: bool = False) -> Pipeline:
     """Load the embedded model (path None) or a FLUX.1 repository folder.
 
     The embedded model's folder has the FLUX.1 layout plus `flowscale.json` (written by train.py),
     which says that it works in pixel space and at what size. A real FLUX.1 folder has vae/ (or
     ae.safetensors); `height` and `width` (multiples of 16) then fix the latent size.
+
+    `device` holds the velocity network (and the particles of every search). With `offload` the text
+    encoders (9.5 GB for FLUX.1's T5-XXL in bf16) and the autoencoder stay on the CPU and visit the
+    device only to encode the prompts (once per search) and to decode (once per reward call), so FLUX.1
+    fits next to a reward model on one GPU. `compile` wraps the velocity network in torch.compile.
+    A FLUX.1-dev folder gets BFL's time shift for its image size (`time_shift`, see sde.flux_shift).
     """
+    device = resolve_device(device)
     path = Path(path) if path is not None else DEFAULT_MODEL
     if not path.is_dir():
         hint = " (run `python train.py` to train the embedded model)" if path == DEFAULT_MODEL else ""
@@ -98,14 +170,15 @@ def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: 
     # Both the embedded models and the real FLUX.1 are stored and run in bf16, as the release is
     # used; the search math (noise, SDE steps, Tweedie, rewards) stays float32 (make_velocity).
     # dtype=torch.float32 runs the network in float32 (about half the NFE/s here, see benchmarks/).
-    dtype = dtype or torch.bfloat16
+    dtype = resolve_dtype(dtype or torch.bfloat16, device)
+    parked = torch.device("cpu") if offload else device  # where the encoders and the autoencoder wait
     # checked before loading anything (a real FLUX.1 takes minutes to load)
     if not meta_file.is_file() and (height % 16 or width % 16):
         raise ValueError(f"FLUX.1 needs height and width divisible by 16, got {height}x{width}")
     meta = read_meta(meta_file) if meta_file.is_file() else None  # checked before the weights are read
     flux = M.load_flux(path, device=device, dtype=dtype)
-    t5 = M.load_t5(path, device=device, dtype=dtype)
-    clip = M.load_clip_text(path, device=device, dtype=dtype)
+    t5 = M.load_t5(path, device=parked, dtype=dtype)
+    clip = M.load_clip_text(path, device=parked, dtype=dtype)
     clip_tokenizer = M.load_clip_tokenizer(path)
     if meta is not None:
         factor = meta["latent_factor"]
@@ -119,14 +192,22 @@ def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: 
         pipe = Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, shape, shape_world=shape_world,
                         name=str(path), counter=R.load_counter() if shape_world else None)
     else:
-        latent = M.load_autoencoder(path, device=device, dtype=dtype)
+        latent = M.load_autoencoder(path, device=parked, dtype=dtype)
         is_dev = flux.params.guidance_embed
         # BFL's sequence lengths: 256 T5 tokens for schnell, 512 for dev.
         t5_tokenizer = M.load_t5_tokenizer(path, max_length=512 if is_dev else 256)
         # f = 8 for FLUX.1's autoencoder; read from its config so that other autoencoders get the right latent
         z, f = latent.params.z_channels, latent.params.downsample
+        # BFL samples dev with get_schedule(num_steps, image_seq_len, shift=True) and schnell with
+        # shift=False; the image tokens are the 2x2-packed latent pixels
+        shift = sde.flux_shift((height // f // 2) * (width // f // 2)) if is_dev else None
         pipe = Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, (z, height // f, width // f),
-                        shape_world=False, guidance=guidance if is_dev else None, name=str(path))
+                        shape_world=False, guidance=guidance if is_dev else None, name=str(path), time_shift=shift)
+    pipe.device, pipe.offload = device, offload
+    if compile:
+        # the wrapper forwards attributes (params, img_in) to the network; shapes that vary with the
+        # number of rows per call cost one recompile, after which torch compiles a dynamic graph
+        pipe.flux = torch.compile(flux)
     check_tokenizers(pipe, path)
     # A T5 vocabulary without capitals (the embedded model's, trained on lower-case prompts) would turn
     # "THREE" into unknown pieces; such models get their prompts lower-cased (CLIP lower-cases anyway).
@@ -247,13 +328,31 @@ def check_prompts(pipe: Pipeline, prompts: list[str], grammar: bool = True) -> N
                              f"know {unknown} (they would read them as unknown tokens){case}")
 
 
+@contextlib.contextmanager
+def visiting(pipe: Pipeline, *modules: torch.nn.Module):
+    """With offload, the modules come to pipe.device for the block and go back to the CPU after it
+    (also on an error); without, nothing moves."""
+    if not pipe.offload:
+        yield
+        return
+    for module in modules:
+        module.to(pipe.device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
+
+
 @torch.no_grad()
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> Conditioning:
     prompts = normalise_prompts(pipe, prompts)
     check_prompts(pipe, prompts)
     dtype = pipe.flux.img_in.weight.dtype
-    txt = pipe.t5(pipe.t5_tokenizer(prompts)).to(dtype)                 # (P, L_txt, D_t5)
-    y = pipe.clip(pipe.clip_tokenizer(prompts))[1].to(dtype)             # (P, D_clip)
+    device = pipe.device
+    with visiting(pipe, pipe.t5, pipe.clip):  # once per search: the states stay on the device
+        txt = pipe.t5(pipe.t5_tokenizer(prompts).to(device)).to(device, dtype)         # (P, L_txt, D_t5)
+        y = pipe.clip(pipe.clip_tokenizer(prompts).to(device))[1].to(device, dtype)     # (P, D_clip)
     return Conditioning(prompts, txt, y)
 
 
@@ -264,13 +363,14 @@ def make_velocity(pipe: Pipeline, cond: Conditioning) -> Callable[[torch.Tensor,
     search.py does the counting. Gradients flow through it when enabled (DPS).
     """
     C, H, W = pipe.latent_shape
-    img_ids = M.image_ids(1, H, W)                                        # (1, H/2 * W/2, 3)
-    txt_ids = M.text_ids(1, cond.txt.shape[1])                            # (1, L_txt, 3)
+    device = pipe.device
+    img_ids = M.image_ids(1, H, W, device=device)                         # (1, H/2 * W/2, 3)
+    txt_ids = M.text_ids(1, cond.txt.shape[1], device=device)             # (1, L_txt, 3)
     dtype = pipe.flux.img_in.weight.dtype
 
     def velocity(x: torch.Tensor, t: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
-        guidance = None if pipe.guidance is None else torch.full((B,), pipe.guidance)
+        guidance = None if pipe.guidance is None else torch.full((B,), pipe.guidance, device=device)
         u = pipe.flux(img=M.pack(x.to(dtype)), img_ids=img_ids, txt=cond.txt[prompt], txt_ids=txt_ids,
                       timesteps=t.to(dtype), y=cond.y[prompt], guidance=guidance)  # (B, H/2 * W/2, 4C)
         return M.unpack(u, H, W).to(x.dtype)                              # (B, C, H, W)
@@ -283,7 +383,8 @@ def decode(pipe: Pipeline, z: torch.Tensor) -> torch.Tensor:
     # The autoencoder may hold another dtype than the search's latents (bf16 for FLUX.1, float32
     # latents): decode in its dtype and hand back z's, as make_velocity does.
     weight = next(pipe.latent.parameters(), None)  # None for the embedded model's PixelLatent
-    x = pipe.latent.decode(z if weight is None else z.to(weight.dtype)).to(z.dtype)
+    with visiting(pipe, pipe.latent):  # with offload: 168 MB each way per reward call for FLUX.1's autoencoder
+        x = pipe.latent.decode(z if weight is None else z.to(weight.dtype)).to(z.dtype)
     return ((x + 1) / 2).clamp(0, 1)
 
 
@@ -293,12 +394,14 @@ def make_problem(pipe: Pipeline, cond: Conditioning, reward, *, dynamics: str = 
     prompts = cond.prompts
 
     def reward_fn(x0: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        # prompt: the rows' prompt ids on the CPU (search.py keeps them there), so no device read here
         return reward(decode(pipe, x0), [prompts[i] for i in prompt.tolist()])
 
     return search.Problem(velocity=make_velocity(pipe, cond), reward=reward_fn, reward_name=reward.name,
                           differentiable=reward.differentiable, shape=pipe.latent_shape,
                           num_prompts=len(prompts), dynamics=dynamics, num_steps=num_steps,
-                          max_batch=max_batch, lookahead=lookahead)
+                          max_batch=max_batch, lookahead=lookahead, device=pipe.device,
+                          time_shift=pipe.time_shift)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -345,13 +448,16 @@ def heldout_metrics(images: torch.Tensor, prompts: list[str], counter: R.Learned
 
 def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamics: str = "vp-sde",
              nfe: int = 200, num_steps: int = 10, reward: str | R.Reward = "counting", seed: int = 0,
-             callback=None, progress: bool = False, lookahead: str = "tweedie", **knobs) -> Generation:
+             callback=None, progress: bool = False, lookahead: str = "tweedie", max_batch: int = 64,
+             **knobs) -> Generation:
     """Run one search method for each prompt with a budget of `nfe` velocity evaluations per prompt.
 
     reward is a name of rewards.get_reward (the shape-world ones need no files) or a reward object
     (e.g. rewards.get_reward("aesthetic", weights=..., clip=...) for real images). `callback`
     receives search.StepInfo after every step; `progress` shows a tqdm bar of the NFE spent.
     `lookahead` is search.Problem's ("tweedie" or "ode:K"); knobs go to the method (e.g. allocation).
+    `max_batch` caps the latents per velocity call (the activation memory of a real FLUX.1).
+    The search runs on pipe.device; the images come back on the CPU.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -362,7 +468,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamic
     check_reward_for(method, reward_fn)
     cond = encode_prompts(pipe, prompts)
     prompts = cond.prompts
-    problem = make_problem(pipe, cond, reward_fn, dynamics=dynamics, num_steps=num_steps, lookahead=lookahead)
+    problem = make_problem(pipe, cond, reward_fn, dynamics=dynamics, num_steps=num_steps, lookahead=lookahead,
+                           max_batch=max_batch)
     generator = torch.Generator().manual_seed(seed)
     bars = []  # the progress bar appears with the first step, after the search has checked its inputs
 
@@ -382,12 +489,104 @@ def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamic
             bar.close()
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        images = decode(pipe, result.x0)
+        images = decode(pipe, result.x0).cpu()
     out = Generation(prompts, method, dynamics, nfe, images, result.reward.tolist(), result.nfe_used.tolist(),
                      seconds, result=result)
     if pipe.shape_world:
         out.metrics = heldout_metrics(images, prompts, pipe.counter)
     return out
+
+
+# -----------------------------------------------------------------------------------------------
+# Rewards: a built-in name, or the user's own (--reward module:NAME, --reward path/to/file.py:NAME)
+
+
+class PluginReward:
+    """A reward from outside this repository, following the protocol of rewards.Reward: images (B, 3, H, W)
+    in [0, 1] on the pipeline's device and B prompts -> (B,) float tensor, higher is better, with `name`
+    and `differentiable`. What it raises becomes one ValueError line naming it (the search checks the
+    shape and finiteness of what it returns)."""
+
+    def __init__(self, reward, source: str):
+        self.reward, self.source = reward, source
+        self.name, self.differentiable = reward.name, reward.differentiable
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        try:
+            return self.reward(images, prompts)
+        except Exception as e:  # the user's code: any error is reported in one line, with its origin
+            raise ValueError(f"reward {self.name!r} ({self.source}) raised {type(e).__name__}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else "(no message)"
+
+
+def load_reward_plugin(spec: str) -> PluginReward:
+    """--reward module:NAME or path/to/file.py:NAME. NAME is a reward object, or a function (or class) of
+    no arguments that returns one. ValueError, one line, for every way this can fail."""
+    source, _, name = spec.rpartition(":")
+    if not source or not name.isidentifier():
+        raise ValueError(f"--reward {spec!r}: a plugin reward is module:NAME or path/to/file.py:NAME")
+    if source.endswith(".py"):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"--reward {spec!r}: reward file not found: {path}")
+        # a module name of its own per file, so that two plugin files never share one
+        module_name = "flowscale_reward_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+        loader = importlib.util.spec_from_file_location(module_name, path)
+    try:
+        if source.endswith(".py"):
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            module = importlib.import_module(source)
+    except Exception as e:  # the plugin's own import failed (a missing package, a syntax error, ...)
+        raise ValueError(f"--reward {spec!r}: importing {source} raised {type(e).__name__}: {_first_line(e)}") from e
+    if not hasattr(module, name):
+        raise ValueError(f"--reward {spec!r}: {source} has no {name!r}")
+    obj = getattr(module, name)
+    if isinstance(obj, type) or not _is_reward(obj):  # a class or a factory of no arguments
+        if not callable(obj):
+            raise ValueError(f"--reward {spec!r}: {name} is a {type(obj).__name__}, not a reward or a function")
+        if _required_arguments(obj):
+            raise ValueError(f"--reward {spec!r}: {name} takes arguments, so it is not a factory of no arguments, and "
+                             f"it is not a reward: a reward is callable as reward(images, prompts) and has name "
+                             f"(str) and differentiable (bool)")
+        try:
+            obj = obj()
+        except Exception as e:
+            raise ValueError(f"--reward {spec!r}: {name}() raised {type(e).__name__}: {_first_line(e)}") from e
+    if not _is_reward(obj):
+        raise ValueError(f"--reward {spec!r}: {name} gives a {type(obj).__name__}, which is not a reward: a reward is "
+                         f"callable as reward(images, prompts) and has name (str) and differentiable (bool)")
+    return PluginReward(obj, spec)
+
+
+def _required_arguments(fn) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return False
+    return any(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               for p in parameters)
+
+
+def _is_reward(obj) -> bool:
+    return (callable(obj) and not isinstance(obj, type) and isinstance(getattr(obj, "name", None), str)
+            and bool(obj.name) and isinstance(getattr(obj, "differentiable", None), bool))
+
+
+def load_reward(spec: str, *, weights=None, clip=None, device: str | torch.device = "cpu"):
+    """A reward by --reward: a rewards.REWARD_NAMES name or a plugin (module:NAME, path/to/file.py:NAME).
+    The built-in real-image rewards are loaded on `device`."""
+    if spec not in R.REWARD_NAMES and ":" in spec:
+        return load_reward_plugin(spec)
+    reward = R.get_reward(spec, weights=weights, clip=clip, device=str(device))
+    if isinstance(reward, R.LearnedCounter):  # the shape world's differentiable counter runs beside the model
+        reward = reward.to(device)
+    return reward
 
 
 def check_seed(seed) -> int:
@@ -602,13 +801,69 @@ def write_image_and_record(out: Path, image: torch.Tensor, record: dict, scale: 
     return record
 
 
+def read_prompt_file(path: str | Path, option: str = "--prompts") -> list[str]:
+    """A prompts file: one prompt a line; blank lines and lines starting with # are skipped, a repeated
+    prompt is kept once. ValueError (one line) when it cannot be read or holds no prompt."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{option} {path}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot read it: {e.strerror or e}") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = list(dict.fromkeys(p for p in prompts if p and not p.startswith("#")))
+    if not prompts:
+        raise ValueError(f"{option} {path}: no prompts in it (one prompt a line)")
+    return prompts
+
+
+def device_settings(args) -> dict:
+    """load_pipeline's device, dtype, offload and compile from the CLI flags, checked (ValueError)."""
+    device = resolve_device(args.device)
+    return {"device": device, "dtype": resolve_dtype(args.dtype, device), "offload": args.offload,
+            "compile": args.compile}
+
+
+def prompt_folder(out: Path, i: int, prompt: str) -> Path:
+    """The output folder of line i of a prompts file: its position (the search's seed depends on it), a
+    readable part of the prompt and a hash of it (two prompts never share a folder)."""
+    slug = "".join(c if c.isalnum() else "-" for c in prompt.lower())[:40].strip("-") or "prompt"
+    return out / f"{i:04d}-{slug}-{hashlib.sha1(prompt.encode()).hexdigest()[:6]}"
+
+
+def finished(folder: Path, prompt: str, settings: dict) -> bool:
+    """Whether folder holds the result of `prompt` under `settings` with its image intact. ValueError
+    when it holds a result of other settings (a rerun must not mix them)."""
+    try:
+        record = json.loads((folder / "result.json").read_text())
+        image = (folder / "image.png").read_bytes()
+    except (OSError, ValueError):
+        return False  # not run yet, or killed before its pair was written
+    if not isinstance(record, dict) or record.get("prompt") != prompt:
+        return False
+    old = {k: record.get(k) for k in settings}
+    if old != settings:
+        changed = sorted(k for k in settings if old[k] != settings[k])
+        raise ValueError(f"{folder} holds a result with other settings ({', '.join(changed)}); use another --out")
+    return record.get("image_sha256") == hashlib.sha256(image).hexdigest()
+
+
 def cmd_generate(args) -> None:
     # Everything that can be checked cheaply is checked before the model loads and the search runs.
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
-    if not args.prompt.strip():
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("give --prompt P or --prompts FILE (one prompt a line), one of them")
+    if args.prompt is not None and not args.prompt.strip():
         raise ValueError("empty prompt")
+    prompts = read_prompt_file(args.prompts) if args.prompts is not None else [args.prompt]
     check_seed(args.seed)
+    if not (isinstance(args.batch, int) and 1 <= args.batch <= MAX_PROMPTS):
+        raise ValueError(f"--batch must be a number from 1 to {MAX_PROMPTS}, got {args.batch}")
+    if not args.max_batch >= 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    placement = device_settings(args)
     knobs = {}
     if args.dps_beta is not None:
         if args.method not in DPS_METHODS:
@@ -619,27 +874,61 @@ def cmd_generate(args) -> None:
         knobs = {"beta": args.dps_beta} if args.method == "dps" else {"dps_beta": args.dps_beta}
     out = Path(args.out)
     check_writable(out)
-    # Real-image rewards read their files here (the aesthetic head, a full CLIP ViT-L/14 folder),
-    # before the model: a missing file should not cost the minutes of loading FLUX.1 first.
-    reward = R.get_reward(args.reward, weights=args.reward_weights, clip=args.clip)
+    # Real-image rewards read their files here (the aesthetic head, a full CLIP ViT-L/14 folder), and a
+    # plugin is imported, before the model: a missing file should not cost the minutes of loading FLUX.1.
+    reward = load_reward(args.reward, weights=args.reward_weights, clip=args.clip, device=placement["device"])
     knobs |= search_knobs(args)  # a bad --allocation / --lookahead fails here, before the model loads
     check_reward_for(args.method, reward)
-    pipe = load_pipeline(args.model, height=args.height, width=args.width)
-    prompt = normalise_prompts(pipe, [args.prompt])[0]
-    if prompt != args.prompt:
-        print(f"flowscale generate: note: the model reads the prompt as {prompt!r} (its vocabulary is lower-case)",
-              file=sys.stderr)
-    gen = generate(pipe, [prompt], method=args.method, dynamics=args.dynamics, nfe=args.nfe,
-                   num_steps=args.steps, reward=reward, seed=args.seed, progress=True, lookahead=args.lookahead,
-                   **knobs)
-    record = generation_record(gen, 0, steps=args.steps, reward_name=args.reward, seed=args.seed,
-                               model=pipe.name, lookahead=args.lookahead,
-                               **({k: v for k, v in knobs.items() if k not in ("beta", "dps_beta")}),
-                               **({} if args.dps_beta is None else {"dps_beta": args.dps_beta}))
-    if "note" in record:
-        print(f"flowscale generate: note: {record['note']}", file=sys.stderr)
-    record = write_image_and_record(out, gen.images[0], record, scale=8 if pipe.shape_world else 1)
-    print(json.dumps(record, indent=2))
+    pipe = load_pipeline(args.model, height=args.height, width=args.width, **placement)
+    read = normalise_prompts(pipe, prompts)
+    check_prompts(pipe, read)  # every prompt of the file, before the first search
+    for given, prompt in zip(prompts, read):
+        if prompt != given:
+            print(f"flowscale generate: note: the model reads the prompt as {prompt!r} (its vocabulary is lower-case)",
+                  file=sys.stderr)
+    settings = dict(method=args.method, dynamics=args.dynamics, nfe=args.nfe, steps=args.steps,
+                    reward_name=args.reward, seed=args.seed, model=pipe.name, lookahead=args.lookahead,
+                    **({k: v for k, v in knobs.items() if k not in ("beta", "dps_beta")}),
+                    **({} if args.dps_beta is None else {"dps_beta": args.dps_beta}),
+                    **({} if pipe.time_shift is None else {"time_shift": pipe.time_shift}))
+    scale = 8 if pipe.shape_world else 1
+
+    def search_for(batch: list[str], seed: int) -> Generation:
+        return generate(pipe, batch, method=args.method, dynamics=args.dynamics, nfe=args.nfe, num_steps=args.steps,
+                        reward=reward, seed=seed, progress=True, lookahead=args.lookahead, max_batch=args.max_batch,
+                        **knobs)
+
+    if args.prompts is None:  # one prompt: out/image.png and out/result.json, as always
+        gen = search_for(read, args.seed)
+        record = generation_record(gen, 0, **{k: v for k, v in settings.items() if k not in ("method", "nfe")})
+        if "note" in record:
+            print(f"flowscale generate: note: {record['note']}", file=sys.stderr)
+        record = write_image_and_record(out, gen.images[0], record, scale=scale)
+        print(json.dumps(record, indent=2))
+        return
+    # A prompts file: fixed chunks of --batch lines, chunk c searched with seed chunk_seed(seed, c), so
+    # that a prompt's result depends on its line only, and a rerun redoes just the unfinished chunks.
+    import bench
+
+    folders = [prompt_folder(out, i, p) for i, p in enumerate(read)]
+    records, skipped = [], 0
+    for c, lo in enumerate(range(0, len(read), args.batch)):
+        chunk = list(range(lo, min(lo + args.batch, len(read))))
+        todo = [i for i in chunk if not finished(folders[i], read[i], settings)]
+        skipped += len(chunk) - len(todo)
+        if not todo:
+            continue
+        gen = search_for([read[i] for i in chunk], bench.chunk_seed(args.seed, c))
+        for j, i in enumerate(chunk):
+            if i not in todo:
+                continue
+            folders[i].mkdir(parents=True, exist_ok=True)
+            record = generation_record(gen, j, line=i + 1, **{k: v for k, v in settings.items()
+                                                               if k not in ("method", "nfe")})
+            records.append(write_image_and_record(folders[i], gen.images[j], record, scale=scale))
+            print(f"flowscale generate: {folders[i]}: reward {record['reward']:.4g}", file=sys.stderr)
+    print(json.dumps({"out": str(out), "prompts": len(read), "written": len(records), "skipped": skipped,
+                      "results": records}, indent=2))
 
 
 def search_knobs(args) -> dict:
@@ -651,6 +940,21 @@ def search_knobs(args) -> dict:
         raise ValueError("--allocation threshold needs --threshold <reward level>, and only it takes one")
     return ({} if args.allocation is None else {"allocation": args.allocation}) | \
         ({} if args.threshold is None else {"threshold": args.threshold})
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --offload, --compile (shared by generate and bench)."""
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps: where the velocity network and the "
+                                                   "search run")
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the networks: " + " | ".join(DTYPES) +
+                   " (the search math stays float32)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the text encoders, and the autoencoder between decodes, on the CPU (FLUX.1 beside a "
+                        "reward model on one 24-48 GB GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the velocity network (the first calls "
+                                                          "compile it: worth it for long searches)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="latents per velocity call (activation memory: 1-4 for FLUX.1 at 1024^2 on a 24-48 GB GPU)")
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
@@ -671,7 +975,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="model folder (default: the embedded weights/mini-flux-schnell)")
         p.add_argument("--steps", type=int, default=10, help="denoising steps")
         p.add_argument("--reward", default="counting",
-                       help="given reward: " + " | ".join(R.REWARD_NAMES))
+                       help="given reward: " + " | ".join(R.REWARD_NAMES) + " | module:NAME | path/to/file.py:NAME "
+                            "(your own; see examples/reward_plugin.py)")
         p.add_argument("--seed", type=int, default=0, help=f"random seed, 0 .. 2**32 - 1 = {MAX_SEED}")
 
     demo = sub.add_parser("demo", help="plain sampler vs BoN vs RBF on the embedded model",
@@ -685,9 +990,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="one prompt, one search method",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(gen)
-    gen.add_argument("--prompt", required=True,
+    gen.add_argument("--prompt", default=None,
                      help="the prompt; lower-cased (and, in the shape world, without commas and full stop) for a "
                           "model whose vocabulary is lower-case, as the embedded one")
+    gen.add_argument("--prompts", default=None,
+                     help="a file of prompts, one a line: one folder per prompt under --out (image.png, result.json); "
+                          "a rerun skips the finished ones")
+    gen.add_argument("--batch", type=int, default=1,
+                     help="with --prompts: prompts searched together (their latents share velocity calls)")
     gen.add_argument("--method", default="rbf", help=" | ".join(METHODS))
     gen.add_argument("--dynamics", default="vp-sde", help=" | ".join(DYNAMICS))
     gen.add_argument("--nfe", type=int, default=200, help="NFE budget (velocity evaluations)")
@@ -702,6 +1012,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reward temperature of dps, svdd+dps and rbf+dps (guidance strength 1/beta; "
                           "default search.DPS_BETA)")
     add_search_arguments(gen)
+    add_device_arguments(gen)
     gen.add_argument("--out", default="out/generate")
 
     import bench  # the benchmark harness imports this module, so it is imported here, not at the top
@@ -713,7 +1024,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 INTERRUPTED = {"bench": "the rows written so far are kept in {out}/results.csv; run the same command again "
                          "to resume",
-               "generate": "nothing was written to {out}; run it again",
+               "generate": "nothing was written to {out} for the search that ran; run it again (with --prompts, "
+                            "the finished prompts are skipped)",
                "demo": "the files written so far in {out} are whole (each is written at once); run it again"}
 
 

@@ -100,12 +100,18 @@ class Problem:
     dynamics: str = "vp-sde"  # "linear-ode" | "linear-sde" | "vp-sde" (Sec. 4, Table 1)
     num_steps: int = 10  # T denoising steps (paper: 10)
     time_grid: str = "exp"  # "exp" (App. C, official code) or "uniform", in the time of the sampled path
+    # FLUX's resolution shift t -> s t / (1 + (s - 1) t) of the grid (sde.time_grid), None = unshifted.
+    # FLUX.1-dev is sampled shifted by BFL (sde.flux_shift of its token count); schnell and the embedded
+    # models are not. Search over Paths keeps its own fixed schedule (t_start, delta_f, delta_b).
+    time_shift: float | None = None
     diffusion: str = "square"  # shape of g(t), an sde.diffusion_coefficient kind (SDE dynamics only)
     diffusion_norm: float = 3.0  # scale of g(t): "square" with 3.0 is the paper's g = 3 t^2 (App. F.1)
     max_batch: int = 256  # at most this many rows per velocity / reward call (memory)
     lookahead: str = "tweedie"  # value of a particle: "tweedie" (Eq. 19) or "ode:K" (K Euler steps to t = 0)
     dtype: torch.dtype = torch.float32  # dtype of the particles
-    device: str = "cpu"  # device of the particles (noise is drawn on the generator's device; only CPU is tested)
+    # device of the particles, their noise (drawn by generators on this device) and the search's
+    # bookkeeping; the NFE counters stay on the CPU (they follow from the layout, not from device data)
+    device: str | torch.device = "cpu"
     path: sde.Interpolant = field(init=False, repr=False)  # derived: linear or VP path that is sampled
     g: sde.DiffusionCoefficient | None = field(init=False, repr=False)  # derived: None for the ODE
     lookahead_nfe: int = field(init=False, repr=False)  # derived: extra NFE per scored particle (K - 1, or 0)
@@ -127,6 +133,9 @@ class Problem:
             raise ValueError(f"Problem.time_grid must be 'exp' or 'uniform', got {self.time_grid!r}")
         if not self.dtype.is_floating_point:
             raise ValueError(f"Problem.dtype must be a floating dtype, got {self.dtype}")
+        if self.time_shift is not None and not (isinstance(self.time_shift, (int, float)) and
+                                                math.isfinite(self.time_shift) and self.time_shift > 0):
+            raise ValueError(f"Problem.time_shift must be None or a finite number > 0, got {self.time_shift!r}")
         self.path = sde.VPInterpolant() if self.dynamics == "vp-sde" else sde.LinearInterpolant()
         try:
             g = sde.diffusion_coefficient(self.diffusion, self.diffusion_norm, interpolant=self.path)
@@ -311,11 +320,15 @@ def _score(problem: Problem, r, rows: int, grad: bool) -> None:
 
 
 def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor,
-              reward: bool, grad: bool, used: Tensor | None = None) -> Evaluation:
+              reward: bool, grad: bool, used: Tensor | None = None, prompt_cpu: Tensor | None = None) -> Evaluation:
     """The one counted evaluation: every velocity call of every algorithm goes through here. `used`
-    (P,) is the number of rows per prompt, if the caller knows it (else counted from `prompt`)."""
+    (P,) is the number of rows per prompt, if the caller knows it (else counted from `prompt`).
+    `prompt` is on the particles' device (for the velocity); the reward gets `prompt_cpu`, the same ids
+    on the CPU (it maps them to prompt strings), which the layouts keep so that no copy is made here."""
     B = x_t.shape[0]
-    used = torch.bincount(prompt.cpu(), minlength=problem.num_prompts) if used is None else used
+    if prompt_cpu is None:
+        prompt_cpu = prompt.cpu()
+    used = torch.bincount(prompt_cpu, minlength=problem.num_prompts) if used is None else used
     scored = reward or grad
     cost = used * (1 + problem.lookahead_nfe) if scored else used  # a scored row also pays its lookahead
     if torch.any(counts.nfe + cost > counts.nfe_limit):
@@ -331,6 +344,7 @@ def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Te
     for lo in range(0, B, problem.max_batch):
         rows = slice(lo, lo + problem.max_batch)
         x, p, at_rows = (x_t, prompt, at) if B <= problem.max_batch else (x_t[rows], prompt[rows], at.index(rows))
+        p_cpu = prompt_cpu if B <= problem.max_batch else prompt_cpu[rows]
         with torch.enable_grad() if grad else contextlib.nullcontext():  # callers run under no_grad
             if grad:
                 x = x.detach().requires_grad_(True)
@@ -343,9 +357,11 @@ def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Te
             r = None
             if scored:
                 start = time.perf_counter()
-                r = problem.reward(x0_hat, p)
+                r = problem.reward(x0_hat, p_cpu)
                 counts.seconds["reward"] += time.perf_counter() - start
                 _score(problem, r, x.shape[0], grad)
+                # a reward computed on the host (the shape-world detector) comes back to the particles
+                r = r.to(x0_hat.device)
             d = None
             if grad:
                 # autograd.grad (not backward) so that model parameters collect no .grad; rows are
@@ -390,9 +406,11 @@ class _Run:
     trace: list[StepInfo] = field(default_factory=list)
     best: Tensor = None  # (P,) best reward scored so far
     nfe_mark: Tensor = None  # (P,) counts.nfe at the last trace entry
-    rows: dict = field(default_factory=dict)  # n -> prompt id of every row of the layout (P, n)
+    rows: dict = field(default_factory=dict)  # n -> prompt id of every row of the layout (P, n), on the device
+    rows_cpu: dict = field(default_factory=dict)  # n -> the same ids on the CPU (for the reward)
     used: dict = field(default_factory=dict)  # n -> (P,) rows per prompt of that layout, i.e. n each
     start: float = 0.0  # time.perf_counter() when the search began
+    times: list = field(default_factory=list)  # the grid times as floats (trace entries without a device read)
 
 
 def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, method: str, knobs: dict) -> _Run:
@@ -408,14 +426,28 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     _fits(problem, method, knobs, nfe)
     P = problem.num_prompts
     # drawn one at a time, so the first seeds do not depend on P (prompt 0 alone == prompt 0 in a batch)
-    seeds = [int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in range(P)]
-    gens = [torch.Generator(device=generator.device).manual_seed(s) for s in seeds]
-    ts = sde.time_grid(problem.num_steps, problem.time_grid).to(problem.dtype).to(problem.device)
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)) for _ in range(P)]
+    # the prompts' generators live where the particles do, so that noise is drawn there (on the CPU
+    # this is the CPU generator of before: the same seed gives the same search)
+    gens = [torch.Generator(device=problem.device).manual_seed(s) for s in seeds]
+    ts = grid_times(problem).to(problem.dtype).to(problem.device)
     grid = _at(problem, ts)  # at t = 0 the conversion is 0 / 0: never used, no velocity is evaluated there
     g = problem.g(ts) if problem.g is not None else torch.zeros_like(ts)
     counts = new_counts(P, nfe)
-    return _Run(problem, grid, g, _guidance(grid.c, g), counts, gens, callback, [], torch.full((P,), -math.inf),
-                counts.nfe.clone(), start=start)
+    best = torch.full((P,), -math.inf, device=problem.device)
+    return _Run(problem, grid, g, _guidance(grid.c, g), counts, gens, callback, [], best,
+                counts.nfe.clone(), start=start, times=ts.tolist())
+
+
+def grid_times(problem: Problem) -> Tensor:
+    """The search's time grid t_0 = 1 > ... > t_T = 0 on the sampled path (float64, CPU): the
+    problem's `time_grid`, then shifted by `time_shift` when given (sde.time_grid)."""
+    # The shift warps the grid in the time of the sampled path, as the exp grid does (App. C): for the
+    # linear dynamics that is BFL's schedule of the model's own time; under vp-sde the same warp of the
+    # VP-time grid (warping the model's time instead would push VP times beyond t = 1, where the VP path
+    # ends at SNR 0.0066)
+    return sde.time_grid(problem.num_steps, problem.time_grid,
+                         shift=None if problem.time_shift is None else float(problem.time_shift))
 
 
 def _budget(nfe) -> int:
@@ -457,7 +489,8 @@ def _fits(problem: Problem, method: str, knobs: dict, nfe: int) -> None:
 def _rows(run: _Run, n: int) -> Tensor:
     """Prompt id of each row of the prompt-major layout (P, n) -> (P * n,)."""
     if n not in run.rows:
-        run.rows[n] = torch.arange(run.problem.num_prompts, device=run.problem.device).repeat_interleave(n)
+        run.rows_cpu[n] = torch.arange(run.problem.num_prompts).repeat_interleave(n)
+        run.rows[n] = run.rows_cpu[n].to(run.problem.device)
         run.used[n] = torch.full((run.problem.num_prompts,), n, dtype=torch.long)
     return run.rows[n]
 
@@ -466,7 +499,7 @@ def _noise(run: _Run, n: int) -> Tensor:
     """n standard normal latents per prompt from the prompt's own generator, (P * n, *shape)."""
     p = run.problem
     z = [torch.randn((n, *p.shape), generator=g, dtype=p.dtype, device=g.device) for g in run.gens]
-    return (z[0] if len(z) == 1 else torch.cat(z)).to(p.device)  # (P * n, *shape)
+    return z[0] if len(z) == 1 else torch.cat(z)  # (P * n, *shape), on the device of the generators
 
 
 def _eval(run: _Run, x: Tensor, i: Tensor | int, n: int, reward: bool, grad: bool = False,
@@ -474,16 +507,18 @@ def _eval(run: _Run, x: Tensor, i: Tensor | int, n: int, reward: bool, grad: boo
     """Evaluate the layout (P, n) at grid index i (int, or (B,) per row); tracks the best reward. With
     `mask` (B,) bool only those rows are evaluated (and counted); the others get reward -inf and zeros."""
     if mask is not None and not bool(mask.all()):
-        idx = mask.nonzero().flatten()
-        sub = _evaluate(run.problem, run.counts, x[idx], run.grid.index(i[idx]), _rows(run, n)[idx], reward, grad)
+        idx = mask.nonzero().flatten()  # a device read: which rows run depends on the mask
+        sub = _evaluate(run.problem, run.counts, x[idx], run.grid.index(i[idx]), _rows(run, n)[idx], reward, grad,
+                        prompt_cpu=run.rows_cpu[n][idx.cpu()])
         put = lambda a, fill: None if a is None else fill.index_copy(0, idx, a)  # noqa: E731
         ev = Evaluation(put(sub.u_t, torch.zeros_like(x)), put(sub.x0_hat, torch.zeros_like(x)),
                         put(sub.reward, torch.full((x.shape[0],), -math.inf, dtype=sub.reward.dtype)),
                         put(sub.grad, torch.zeros_like(x)))
     else:
-        ev = _evaluate(run.problem, run.counts, x, run.grid.index(i), _rows(run, n), reward, grad, run.used[n])
+        ev = _evaluate(run.problem, run.counts, x, run.grid.index(i), _rows(run, n), reward, grad, run.used[n],
+                       run.rows_cpu[n])
     if ev.reward is not None:
-        run.best = torch.maximum(run.best, ev.reward.view(run.problem.num_prompts, n).amax(1).cpu())
+        run.best = torch.maximum(run.best, ev.reward.view(run.problem.num_prompts, n).amax(1))
     return ev
 
 
@@ -491,7 +526,8 @@ def _record(run: _Run, step: int, ess: Tensor | None = None, nfe: Tensor | None 
     """Append a trace entry (NFE since the previous entry unless given) and call the callback."""
     if nfe is None:
         nfe, run.nfe_mark = run.counts.nfe - run.nfe_mark, run.counts.nfe.clone()
-    info = StepInfo(step, float(run.grid.t[step]) if t is None else t, nfe, run.best.clone(), ess)
+    # trace entries are on the CPU: one small copy per step (not per candidate), for plots and progress bars
+    info = StepInfo(step, run.times[step] if t is None else t, nfe, run.best.cpu(), None if ess is None else ess.cpu())
     run.trace.append(info)
     if run.callback is not None:
         run.callback(info)
@@ -538,7 +574,7 @@ def _result(run: _Run, method: str, knobs: dict, x0: Tensor, r: Tensor, log_w: T
     P, shape = run.problem.num_prompts, run.problem.shape
     x0, r = x0.reshape(P, -1, *shape), r.reshape(P, -1)  # (P, n, *shape), (P, n)
     best = r.argmax(1)
-    ar = torch.arange(P)
+    ar = torch.arange(P, device=r.device)
     c = run.counts
     lw = None if log_w is None else torch.log_softmax(log_w.view(P, -1), 1)
     wall = time.perf_counter() - run.start
@@ -630,10 +666,11 @@ def _ode(run: _Run, x: Tensor, t_a: float, t_b: float, m: int, n: int, reward: b
     """m Euler steps of the path's ODE on a uniform grid from t_a down to t_b (official code: uniform)."""
     taus = _at(run.problem, torch.linspace(t_a, t_b, m + 1, dtype=run.problem.dtype, device=run.problem.device))
     for j in range(m):
-        ev = _evaluate(run.problem, run.counts, x, taus.index(j), _rows(run, n), reward and j == m - 1, False)
+        ev = _evaluate(run.problem, run.counts, x, taus.index(j), _rows(run, n), reward and j == m - 1, False,
+                       run.used[n], run.rows_cpu[n])
         x = sde.euler_step(x, ev.u_t, taus.t[j], taus.t[j + 1])
     if ev.reward is not None:
-        run.best = torch.maximum(run.best, ev.reward.view(run.problem.num_prompts, n).amax(1).cpu())
+        run.best = torch.maximum(run.best, ev.reward.view(run.problem.num_prompts, n).amax(1))
     return x, ev
 
 
@@ -665,7 +702,7 @@ def search_over_paths(problem: Problem, nfe: int, *, generator: torch.Generator,
         ratio = float(a_f.alpha_t / a_b.alpha_t)  # x_f = ratio x_b + sqrt(sigma_f^2 - ratio^2 sigma_b^2) z
         x = ratio * x + math.sqrt(max(float(a_f.sigma_t**2 - ratio**2 * a_b.sigma_t**2), 0.0)) * _noise(run, n * k)
         x, ev = _ode(run, x, t_f, t_b, m, n * k, reward=True)
-        top = ev.reward.view(P, n * k).topk(n, dim=1).indices + n * k * torch.arange(P)[:, None]  # (P, n)
+        top = ev.reward.view(P, n * k).topk(n, dim=1).indices + n * k * torch.arange(P, device=x.device)[:, None]
         x, ev = x[top.flatten()], ev.take(top.flatten())
         t_prev = t_b
         _record(run, step, t=t_b)
@@ -704,8 +741,8 @@ def smc(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     _record(run, 0)
     for i in range(1, problem.num_steps):
         ess = 1 / torch.softmax(log_w, 1).pow(2).sum(1)  # (P,)
-        idx = torch.arange(P * n).view(P, n)
-        for q in torch.nonzero(ess < ess_threshold * n).flatten().tolist():
+        idx = torch.arange(P * n, device=x.device).view(P, n)
+        for q in torch.nonzero(ess < ess_threshold * n).flatten().tolist():  # a device read per step (selection)
             idx[q] = q * n + torch.multinomial(torch.softmax(log_w[q], 0), n, replacement=True,
                                                generator=run.gens[q]).to(idx.device)
             log_w[q] = 0.0  # resampled particles are equally weighted
@@ -742,14 +779,14 @@ def _blockwise(run: _Run, n: int, k: int, block: int, dps_beta: float | None) ->
     _record(run, 0)
     i = 0
     while i < T - 1:
-        x, ev = x.repeat_interleave(k, 0), ev.take(torch.arange(x.shape[0]).repeat_interleave(k))  # (P * n * k, ...)
+        x, ev = x.repeat_interleave(k, 0), ev.take(torch.arange(x.shape[0], device=x.device).repeat_interleave(k))
         for j in range(block):
             x = _propose(run, x, ev, i, n * k, dps_beta)  # independent noise per child
             i += 1
             ev = _eval(run, x, i, n * k, reward=guided or i == T - 1 or j == block - 1, grad=guided)
             if i == T - 1:
                 break
-        best = ev.reward.view(-1, k).argmax(1) + k * torch.arange(x.shape[0] // k)  # argmax child per chain
+        best = ev.reward.view(-1, k).argmax(1) + k * torch.arange(x.shape[0] // k, device=x.device)  # argmax child
         x, ev = x[best], ev.take(best)
         _record(run, i)
     return ev
@@ -854,17 +891,17 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     x = _noise(run, n * init)  # (P * n * init, *shape)
     ev = _eval(run, x, 0, n * init, reward=True, grad=guided)
     _record(run, 0)
-    pick = ev.reward.view(R, init).argmax(1) + init * torch.arange(R)  # best initial noise of every chain
+    dev = problem.device
+    pick = ev.reward.view(R, init).argmax(1) + init * torch.arange(R, device=dev)  # best initial noise of every chain
     x, ev = x[pick], ev.take(pick)  # the anchors, (R, *shape)
     r_star = ev.reward.clone()  # best accepted reward per chain
-    dev = problem.device
     stage = torch.zeros(R, dtype=torch.long, device=dev)  # grid index of the anchor
     drawn = torch.zeros(R, dtype=torch.long, device=dev)  # candidates drawn in the current stage (j of Alg. 2)
     quota = torch.full((R,), Q, device=dev)
     active = torch.ones(R, dtype=torch.bool, device=dev)  # False once a chain has ended ("threshold" only)
     spent = torch.zeros(R, T, dtype=torch.long, device=dev)  # NFE per chain and candidate grid index (Fig. 9)
     best_x, best_ev = x, ev  # the current stage's best candidate (placeholders until the first draw)
-    best_r = torch.full((R,), -math.inf, dtype=ev.reward.dtype)  # its reward, -inf at the start of a stage
+    best_r = torch.full((R,), -math.inf, dtype=ev.reward.dtype, device=dev)  # its reward, -inf at a stage's start
     done, chains = 1, torch.arange(R, device=dev)  # trace entries emitted so far (grid index 0 is the initialisation)
     for _ in range(draws):
         cand = _propose(run, x, ev, stage, n, dps_beta)  # one candidate per chain (noise drawn for all)
@@ -895,7 +932,9 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
         best_r = torch.where(advance, -math.inf, best_r)
         if allocation == "threshold":
             active = active & ~(accept & ~can_move)  # passing the threshold at the last stage ends the chain
-        while done <= int(stage.min()):  # every chain has left grid index done - 1: its entry is final
+        # one scalar read per draw (the only one of the loop besides "threshold"'s active.any()): the
+        # trace entry of a grid index, and the progress bar with it, is final once every chain has left it
+        while done <= int(stage.min()):
             _record(run, done, nfe=spent[:, done].view(P, n).sum(1).cpu())
             done += 1
         if allocation == "threshold" and not bool(active.any()):
@@ -932,16 +971,18 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
     best_at = torch.full((P, T), -math.inf, dtype=torch.float64)  # best reward scored per prompt and grid index
     finals, final_rewards = [], []
     for p in range(P):
-        z0 = torch.randn((n * init, *shape), generator=run.gens[p], dtype=problem.dtype).to(problem.device)
+        z0 = torch.randn((n * init, *shape), generator=run.gens[p], dtype=problem.dtype, device=problem.device)
         noises = []  # the prompt's noise draws, (n, *shape) each, made when a chain first needs one
 
         def noise(j: int, chain: int) -> Tensor:
             while len(noises) <= j:
-                noises.append(torch.randn((n, *shape), generator=run.gens[p], dtype=problem.dtype).to(problem.device))
+                noises.append(torch.randn((n, *shape), generator=run.gens[p], dtype=problem.dtype,
+                                          device=problem.device))
             return noises[j][chain:chain + 1]  # (1, *shape)
 
         def evaluate_at(x: Tensor, i: int) -> Evaluation:
-            ev = _evaluate(problem, run.counts, x, run.grid.index(i), torch.full((x.shape[0],), p), True, guided)
+            ev = _evaluate(problem, run.counts, x, run.grid.index(i), torch.full((x.shape[0],), p, device=x.device),
+                           True, guided, prompt_cpu=torch.full((x.shape[0],), p))
             spent[p, i] += c * x.shape[0]
             best_at[p, i] = max(float(best_at[p, i]), float(ev.reward.max()))
             return ev
@@ -951,7 +992,7 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
             x = z0[chain * init:(chain + 1) * init]
             ev = evaluate_at(x, 0)
             k = int(ev.reward.argmax())
-            x, ev = x[k:k + 1], ev.take(torch.tensor([k]))  # the anchor, (1, *shape)
+            x, ev = x[k:k + 1], ev.take(torch.tensor([k], device=x.device))  # the anchor, (1, *shape)
             r_star = float(ev.reward[0])  # best accepted reward
             j = 0  # candidates this chain has drawn so far (it may draw `draws` in all)
             left = 0  # quota rolled over from the previous stage
@@ -982,7 +1023,7 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
             finals.append(ev.x0_hat)
             final_rewards.append(ev.reward)
     for i in range(T):
-        run.trace.append(StepInfo(i, float(run.grid.t[i]), spent[:, i].clone(), best_at[:, :i + 1].amax(1)))
+        run.trace.append(StepInfo(i, run.times[i], spent[:, i].clone(), best_at[:, :i + 1].amax(1)))
         if callback is not None:
             callback(run.trace[-1])
     return _result(run, method, knobs | ({} if dps_beta is None else {"dps_beta": dps_beta}),

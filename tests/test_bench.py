@@ -166,7 +166,7 @@ def test_torchrun_with_two_processes_gives_the_rows_of_one(quick, tiny_model, tm
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "bench.py"), "--quick", "--model", str(tiny_model), "--methods", "none,svdd,rbf",
-           "--dynamics", "linear-ode,vp-sde", "--nfe", "50", "--out", str(out)]
+           "--dynamics", "linear-ode,vp-sde", "--nfe", "50", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # 6 units (none, svdd, rbf x 2 dynamics, one chunk of 4 prompts) dealt to 2 ranks, 3 each

@@ -1,7 +1,7 @@
 """The real-FLUX.1 code path of flowscale.py, end to end, on tiny random FLUX.1 repositories.
 
 No FLUX.1 weights can be downloaded here, so this module writes, once, tiny random repositories in
-the release layout of black-forest-labs/FLUX.1-schnell and FLUX.1-dev:
+the release layout of black-forest-labs/FLUX.1-schnell and FLUX.1-dev (tiny.write_repo):
 
     model_index.json, scheduler/scheduler_config.json
     transformer/      diffusers FluxTransformer2DModel: config.json + diffusion_pytorch_model.safetensors
@@ -23,7 +23,9 @@ them on the real weights, and the pipeline's velocity is compared with diffusers
 """
 
 import dataclasses
+import hashlib
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -37,65 +39,15 @@ from safetensors.torch import save_file
 import flowscale
 import model as M
 import rewards as R
-from tiny import randomise_vectors
+import search
+from tiny import CORPUS, Repo, randomise_vectors, write_repo
 
 PROMPT = "a photo of a cat"
-CORPUS = [PROMPT, "a dog playing in the snow", "an owl on a branch", "a small red fox", "a horse in a field",
-          "a rabbit in the grass", "a photo of a dolphin", "a lion and a tiger", "a bird on a wire",
-          "an oil painting of a lighthouse at dawn", "a bowl of fruit on a wooden table"]
 T5_MAX = {"schnell": 256, "dev": 512}  # BFL's T5 sequence lengths, which load_pipeline must pick
 # (height, width) of the generated images: not square, so a swapped axis shows. The schnell-like
 # autoencoder has f = 8 (as FLUX.1's), the dev-like one f = 2 (AE_CONFIGS["tiny"]).
 SIZE = {"schnell": (32, 48), "dev": (16, 32)}
-AE_8X = dataclasses.replace(M.AE_CONFIGS["tiny"], ch_mult=(1, 2, 2, 2))  # 3 downsamplings: f = 8
 CLIP_PROJECTION = 12  # the reward CLIP's embedding width = the aesthetic head's input size
-
-
-@dataclasses.dataclass
-class Repo:
-    """One tiny FLUX.1 repository on disk and the modules it was written from."""
-
-    folder: Path
-    flux: M.Flux
-    t5: M.T5Encoder
-    clip: M.CLIPText
-    ae: M.AutoEncoder
-
-
-def write_repo(folder: Path, variant: str, seed: int) -> Repo:
-    """A random FLUX.1-{schnell,dev}-like repository in the release layout (see the module docstring)."""
-    dev = variant == "dev"
-    M.train_clip_bpe(CORPUS, 400, folder / "tokenizer")
-    M.train_t5_sentencepiece(CORPUS, 48, folder / "tokenizer_2")
-    clip_vocab = M.load_clip_tokenizer(folder).vocab_size
-    t5_vocab = M.load_t5_tokenizer(folder).vocab_size
-    torch.manual_seed(seed)
-    # T5's embedding has more rows than the tokenizer has pieces (the release: 32128 vs 32000)
-    t5 = M.T5Encoder(dataclasses.replace(M.T5_CONFIGS["tiny"], vocab_size=t5_vocab + 28)).eval()
-    # 77 positions: FLUX's CLIP tokenizer pads every prompt to 77 ids
-    clip = M.CLIPText(dataclasses.replace(M.CLIP_CONFIGS["tiny"], vocab_size=clip_vocab)).eval()
-    ae = M.AutoEncoder(M.AE_CONFIGS["tiny"] if dev else AE_8X).eval()
-    flux = M.Flux(M.FluxParams(in_channels=4 * ae.params.z_channels, vec_in_dim=clip.cfg.hidden_size,
-                               context_in_dim=t5.cfg.d_model, hidden_size=128, mlp_ratio=4.0, num_heads=1,
-                               depth=2, depth_single_blocks=1, axes_dim=(16, 56, 56), theta=10_000,
-                               qkv_bias=True, guidance_embed=dev)).eval()
-    for i, module in enumerate((t5, clip, ae, flux)):
-        randomise_vectors(module, seed + i)
-    M.save_t5(t5, folder / "text_encoder_2")
-    M.save_clip_text(clip, folder / "text_encoder")
-    M.save_autoencoder(ae, folder / "vae")
-    M.save_flux(flux, folder / "transformer")
-    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
-             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0 if not dev else 3.0,
-         "use_dynamic_shifting": dev, "num_train_timesteps": 1000}, indent=2))
-    return Repo(folder, flux, t5, clip, ae)
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +283,199 @@ def test_height_not_divisible_by_16_fails_before_loading(repos, reward_files, ca
     H, W = SIZE["schnell"]
     err = cli_error(capsys, folder, "--reward", "clip-score", "--clip", str(clip), "--height", str(H + 8))
     assert "divisible by 16" in err and f"{H + 8}x{W}" in err
+
+
+# -----------------------------------------------------------------------------------------------
+# Real work (GitHub issue 13): --device, --dtype, --offload, --compile, --prompts FILE, the dev shift
+
+
+class MeanBrightness:
+    """A tiny reward of the plugin protocol (no files): the mean of the image."""
+
+    name = "mean"
+    differentiable = True
+
+    def __call__(self, images, prompts):
+        return images.mean((1, 2, 3))
+
+
+def test_seeded_real_path_output_is_pinned(repos):
+    """Recorded before the device-generic search (issue 13): on the CPU the same seed gives the same bits."""
+    H, W = SIZE["schnell"]
+    pipe = flowscale.load_pipeline(repos["schnell"].folder, height=H, width=W, dtype=torch.float32)
+    gen = flowscale.generate(pipe, [PROMPT], method="rbf", dynamics="vp-sde", nfe=12, num_steps=3, seed=1,
+                             reward=MeanBrightness())
+    digest = hashlib.sha256(gen.result.x0.float().contiguous().numpy().tobytes()).hexdigest()[:16]
+    assert digest == "fb2fa8413819c189", digest
+    # the reward's mean is summed in an order that depends on the thread count (pinned with 2 threads)
+    assert gen.reward == [pytest.approx(0.5608893632888794, rel=1e-6)]
+    assert gen.images.device.type == "cpu" and pipe.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cli_generate_through_the_device_flags(repos, tmp_path, capsys, monkeypatch, dtype):
+    compiled = []
+
+    def fake_compile(module, **kwargs):  # a real first compile costs 20-30 s here
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    plugin = tmp_path / "mean_reward.py"
+    plugin.write_text("import torch\n\nclass Mean:\n    name = 'mean'\n    differentiable = False\n\n"
+                      "    def __call__(self, images, prompts):\n        return images.mean((1, 2, 3))\n")
+    out = tmp_path / "out"
+    code = run_generate(repos["schnell"].folder, "schnell", out, "--prompt", PROMPT, "--reward", f"{plugin}:Mean",
+                        "--method", "rbf", "--nfe", "12", "--steps", "3", "--seed", "1", "--device", "cpu",
+                        "--dtype", dtype, "--offload", "--compile", "--max-batch", "1")
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "result.json").read_text())
+    assert record["reward_name"] == f"{plugin}:Mean" and 9 <= record["nfe_used"] <= 12
+    assert len(compiled) == 1 and isinstance(compiled[0], M.Flux)
+    assert "time_shift" not in record  # schnell is sampled unshifted
+
+
+def test_offload_keeps_the_encoders_on_the_cpu_and_changes_nothing(repos):
+    H, W = SIZE["schnell"]
+    folder = repos["schnell"].folder
+    plain, parked = (flowscale.load_pipeline(folder, height=H, width=W, dtype=torch.float32, offload=o)
+                     for o in (False, True))
+    assert parked.offload and not plain.offload
+    runs = [flowscale.generate(p, [PROMPT], method="bon", dynamics="linear-ode", nfe=6, num_steps=3, seed=2,
+                               reward=MeanBrightness()) for p in (plain, parked)]
+    assert torch.equal(runs[0].images, runs[1].images)
+    for module in (parked.t5, parked.clip, parked.latent):  # back on the CPU after every use
+        assert all(p.device.type == "cpu" for p in module.parameters())
+
+
+def bfl_get_schedule(num_steps: int, image_seq_len: int, shift: bool = True) -> list[float]:
+    """BFL's flux/sampling.py get_schedule, written out: mu linear in the image tokens from base_shift 0.5 at
+    256 to max_shift 1.15 at 4096, t -> exp(mu) / (exp(mu) + (1 / t - 1) ** 1)."""
+    timesteps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    if shift:
+        m = (1.15 - 0.5) / (4096 - 256)
+        mu = m * image_seq_len + (0.5 - m * 256)
+        timesteps = math.exp(mu) / (math.exp(mu) + (1 / timesteps - 1) ** 1.0)
+    return timesteps.tolist()
+
+
+def test_dev_is_shifted_as_bfl_and_schnell_is_not(repos, tmp_path, capsys):
+    (Hd, Wd), (Hs, Ws) = SIZE["dev"], SIZE["schnell"]
+    dev = flowscale.load_pipeline(repos["dev"].folder, height=Hd, width=Wd, dtype=torch.float32)
+    schnell = flowscale.load_pipeline(repos["schnell"].folder, height=Hs, width=Ws, dtype=torch.float32)
+    C, h, w = dev.latent_shape
+    tokens = (h // 2) * (w // 2)  # the 2x2-packed latent pixels
+    assert dev.time_shift == pytest.approx(math.exp(0.5 + (tokens - 256) * 0.65 / 3840), rel=1e-12)
+    assert schnell.time_shift is None
+    # BFL's own schedule (uniform grid, linear ODE) is the search's grid for dev, and the plain grid for schnell
+    for pipe, shifted in ((dev, True), (schnell, False)):
+        problem = flowscale.make_problem(pipe, flowscale.encode_prompts(pipe, [PROMPT]), MeanBrightness(),
+                                         dynamics="linear-ode", num_steps=8)
+        problem.time_grid = "uniform"
+        seq = (pipe.latent_shape[1] // 2) * (pipe.latent_shape[2] // 2)
+        expect = torch.tensor(bfl_get_schedule(8, seq, shift=shifted), dtype=torch.float64)
+        assert torch.allclose(search.grid_times(problem), expect, rtol=0, atol=1e-12)
+    # at the real sizes: 1024^2 is 4096 tokens (mu = 1.15), 512^2 is 1024
+    assert flowscale.sde.flux_shift(4096) == pytest.approx(math.exp(1.15))
+    assert flowscale.sde.flux_shift(1024) == pytest.approx(math.exp(0.5 + 768 * 0.65 / 3840))
+    # the velocity of a dev search is called at the shifted times (the paper's exp grid, then BFL's shift)
+    seen = []
+    gen = flowscale.generate(dev, [PROMPT], method="none", dynamics="linear-ode", nfe=4, num_steps=4,
+                             reward=MeanBrightness(), callback=lambda info: seen.append(info.t))
+    exp_grid = flowscale.sde.time_grid(4, "exp")
+    shifted = dev.time_shift * exp_grid / (1 + (dev.time_shift - 1) * exp_grid)
+    assert seen == pytest.approx(shifted[:4].float().tolist(), abs=1e-7) and gen.nfe_used == [4]
+    # and result.json says so
+    out = tmp_path / "dev"
+    assert run_generate(repos["dev"].folder, "dev", out, "--prompt", PROMPT, "--reward",
+                        "tests.test_real_flux_path:MeanBrightness", "--method", "none", "--steps", "2",
+                        "--nfe", "2", "--dtype", "float32") == 0, capsys.readouterr().err
+    assert json.loads((out / "result.json").read_text())["time_shift"] == pytest.approx(dev.time_shift)
+
+
+def test_prompts_file_one_folder_each_resumable(repos, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n\n# a comment\na small red fox\na horse in a field\n")
+    out = tmp_path / "out"
+    argv = ["--prompts", str(prompts), "--batch", "2", "--reward", "tests.test_real_flux_path:MeanBrightness",
+            "--method", "bon", "--dynamics", "linear-ode", "--nfe", "6", "--steps", "3", "--dtype", "float32"]
+    assert run_generate(repos["schnell"].folder, "schnell", out, *argv) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["written"] == 3 and summary["skipped"] == 0
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
+    assert [f.name[:5] for f in folders] == ["0000-", "0001-", "0002-"]
+    records = [json.loads((f / "result.json").read_text()) for f in folders]
+    assert [r["prompt"] for r in records] == [PROMPT, "a small red fox", "a horse in a field"]
+    assert [r["line"] for r in records] == [1, 2, 3]
+    image_2 = (folders[2] / "image.png").read_bytes()
+
+    # a rerun skips every finished prompt: no search at all
+    real_generate = flowscale.generate
+    monkeypatch.setattr(flowscale, "generate", lambda *a, **k: pytest.fail("a finished prompt was searched again"))
+    assert run_generate(repos["schnell"].folder, "schnell", out, *argv) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 3
+    # an unfinished prompt (its result.json lost) is searched again, with its chunk: the same image
+    calls = []
+    monkeypatch.setattr(flowscale, "generate", lambda pipe, batch, **k: calls.append(batch) or real_generate(pipe, batch, **k))
+    (folders[2] / "result.json").unlink()
+    assert run_generate(repos["schnell"].folder, "schnell", out, *argv) == 0
+    assert calls == [["a horse in a field"]] and (folders[2] / "image.png").read_bytes() == image_2
+    assert json.loads(capsys.readouterr().out)["written"] == 1
+    # other settings in the same --out are refused, not mixed
+    code = run_generate(repos["schnell"].folder, "schnell", out, *argv, "--seed", "9")
+    assert code == 2 and "other settings (seed)" in capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--device", "cuda"), "CUDA is not available"),
+    (("--device", "cuda:1"), "CUDA is not available"),
+    (("--device", "tpu"), "unknown device 'tpu'"),
+    (("--dtype", "float64"), "unknown dtype 'float64'"),
+    (("--prompts", "/nonexistent/prompts.txt"), "cannot read it"),
+    (("--prompts", "."), "cannot read it"),
+    (("--reward", "no_such_module_xyz:reward"), "No module named 'no_such_module_xyz'"),
+])
+def test_bad_device_dtype_or_prompts_file_is_one_line(repos, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also where a GPU exists
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(flowscale, "load_pipeline", no_loading)
+    prompt = [] if "--prompts" in extra else ["--prompt", PROMPT]
+    code = run_generate(repos["schnell"].folder, "schnell", tmp_path / "out", *prompt, "--reward",
+                        "tests.test_real_flux_path:MeanBrightness", *extra)
+    assert code == 2 and message in one_line(capsys.readouterr().err)
+
+
+def test_a_dtype_the_device_cannot_run_is_refused(monkeypatch):
+    # a GPU without native bfloat16 (a V100, a T4), simulated: the check names the dtype to use instead
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert flowscale.resolve_device("cuda") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="Tesla T4 has no native bfloat16; use --dtype float16 or float32"):
+        flowscale.resolve_dtype("bfloat16", flowscale.resolve_device("cuda:1"))
+    with pytest.raises(ValueError, match="2 CUDA device"):
+        flowscale.resolve_device("cuda:2")
+    assert flowscale.resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert flowscale.resolve_dtype(torch.float64, torch.device("cpu")) == torch.float64  # the API takes any float
+
+
+def test_both_or_neither_prompt_flags_are_refused(repos, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(PROMPT + "\n")
+    for extra in ((), ("--prompt", PROMPT, "--prompts", str(prompts))):
+        assert run_generate(repos["schnell"].folder, "schnell", tmp_path / "out", *extra) == 2
+        assert "--prompt P or --prompts FILE" in one_line(capsys.readouterr().err)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    assert run_generate(repos["schnell"].folder, "schnell", tmp_path / "out", "--prompts", str(empty)) == 2
+    assert "no prompts in it" in one_line(capsys.readouterr().err)

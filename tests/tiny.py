@@ -1,5 +1,6 @@
 """Helpers shared by the tests on tiny random models."""
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -51,3 +52,68 @@ def write_tiny_shape_model(folder: Path) -> Path:
             "world": "shapes"}
     (folder / "flowscale.json").write_text(json.dumps(meta))
     return folder
+
+
+# -----------------------------------------------------------------------------------------------
+# Tiny random FLUX.1 repositories in the release layout (tests/test_real_flux_path.py, benchmarks/gpu_check.py)
+
+CORPUS = ["a photo of a cat", "a dog playing in the snow", "an owl on a branch", "a small red fox", "a horse in a field",
+          "a rabbit in the grass", "a photo of a dolphin", "a lion and a tiger", "a bird on a wire",
+          "an oil painting of a lighthouse at dawn", "a bowl of fruit on a wooden table"]
+
+
+def ae_8x():
+    """The tiny autoencoder preset with 3 downsamplings: f = 8, as FLUX.1's."""
+    import model as M
+
+    return dataclasses.replace(M.AE_CONFIGS["tiny"], ch_mult=(1, 2, 2, 2))
+
+
+@dataclasses.dataclass
+class Repo:
+    """One tiny FLUX.1 repository on disk and the modules it was written from."""
+
+    folder: Path
+    flux: torch.nn.Module  # model.Flux
+    t5: torch.nn.Module  # model.T5Encoder
+    clip: torch.nn.Module  # model.CLIPText
+    ae: torch.nn.Module  # model.AutoEncoder
+
+
+def write_repo(folder: Path, variant: str, seed: int, f8: bool | None = None) -> Repo:
+    """A random FLUX.1-{schnell,dev}-like repository in the release layout (tests/test_real_flux_path.py).
+    The autoencoder is 8x (as FLUX.1's) for schnell and 2x for dev, unless f8 says otherwise."""
+    import model as M
+
+    dev = variant == "dev"
+    M.train_clip_bpe(CORPUS, 400, folder / "tokenizer")
+    M.train_t5_sentencepiece(CORPUS, 48, folder / "tokenizer_2")
+    clip_vocab = M.load_clip_tokenizer(folder).vocab_size
+    t5_vocab = M.load_t5_tokenizer(folder).vocab_size
+    torch.manual_seed(seed)
+    # T5's embedding has more rows than the tokenizer has pieces (the release: 32128 vs 32000)
+    t5 = M.T5Encoder(dataclasses.replace(M.T5_CONFIGS["tiny"], vocab_size=t5_vocab + 28)).eval()
+    # 77 positions: FLUX's CLIP tokenizer pads every prompt to 77 ids
+    clip = M.CLIPText(dataclasses.replace(M.CLIP_CONFIGS["tiny"], vocab_size=clip_vocab)).eval()
+    ae = M.AutoEncoder(ae_8x() if (not dev if f8 is None else f8) else M.AE_CONFIGS["tiny"]).eval()
+    flux = M.Flux(M.FluxParams(in_channels=4 * ae.params.z_channels, vec_in_dim=clip.cfg.hidden_size,
+                               context_in_dim=t5.cfg.d_model, hidden_size=128, mlp_ratio=4.0, num_heads=1,
+                               depth=2, depth_single_blocks=1, axes_dim=(16, 56, 56), theta=10_000,
+                               qkv_bias=True, guidance_embed=dev)).eval()
+    for i, module in enumerate((t5, clip, ae, flux)):
+        randomise_vectors(module, seed + i)
+    M.save_t5(t5, folder / "text_encoder_2")
+    M.save_clip_text(clip, folder / "text_encoder")
+    M.save_autoencoder(ae, folder / "vae")
+    M.save_flux(flux, folder / "transformer")
+    index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0 if not dev else 3.0,
+         "use_dynamic_shifting": dev, "num_train_timesteps": 1000}, indent=2))
+    return Repo(folder, flux, t5, clip, ae)
