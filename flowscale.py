@@ -222,12 +222,7 @@ META_FIELDS = {"latent_factor": int, "height": int, "width": int, "channels": in
 def read_meta(meta_file: Path) -> dict:
     """flowscale.json of an embedded model (written by train.py), checked field by field: ValueError
     naming the file and the field."""
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{meta_file} is not a readable JSON file: {e}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{meta_file} must hold a JSON object, got {type(meta).__name__}")
+    meta = M.read_json(meta_file)
     for name, kind in META_FIELDS.items():
         value = meta.get(name)
         if not (isinstance(value, kind) and not isinstance(value, bool) and value >= 1):

@@ -93,7 +93,7 @@ def read_sharded_folder(folder: str | Path, stem: str) -> dict[str, torch.Tensor
     if single.is_file():
         return read_safetensors(single)
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
             raise CheckpointError(f"{index}: expected a 'weight_map' object of tensor name -> shard file, "
                                   f"got {weight_map!r:.80}")
@@ -1837,7 +1837,8 @@ _DIFFUSERS_FLUX_FIELDS = {
 }
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file that must hold an object; CheckpointError (a ValueError) naming the file otherwise."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -1932,7 +1933,7 @@ def load_flux(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
         singles = sorted(path.glob("flux1-*.safetensors"))
         has_weights = has_sharded_weights(folder, "diffusion_pytorch_model")
         if (folder / "config.json").is_file() and (has_weights or not singles):
-            params = config or _flux_params_from_diffusers_config(_read_json(folder / "config.json"),
+            params = config or _flux_params_from_diffusers_config(read_json(folder / "config.json"),
                                                                  folder / "config.json")
             state = flux_from_diffusers(read_sharded_folder(folder, "diffusion_pytorch_model"), params, folder)
             return build_and_load(lambda: Flux(params), state, folder, device=device, dtype=dtype)
@@ -1951,7 +1952,7 @@ def load_flux(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
     if any(k.startswith(_COMFY_PREFIX) for k in state):
         state = {k[len(_COMFY_PREFIX):]: v for k, v in state.items() if k.startswith(_COMFY_PREFIX)}
     beside = path.parent / "config.json"
-    file_config = _read_json(beside) if beside.is_file() else None
+    file_config = read_json(beside) if beside.is_file() else None
     if "x_embedder.weight" in state:  # a diffusers-named single file
         if config is None and file_config is None:
             raise CheckpointError(f"{path} has diffusers tensor names: put its config.json next to it, "
@@ -2052,7 +2053,7 @@ def load_t5(path: str | Path, *, device: str | torch.device = "cpu", dtype: torc
     """
     folder = _component_folder(path, "text_encoder_2", "config.json",
                                "a T5 encoder folder (config.json + model.safetensors or model.safetensors.index.json)")
-    cfg = t5_config_from_json(_read_json(folder / "config.json"), folder / "config.json")
+    cfg = t5_config_from_json(read_json(folder / "config.json"), folder / "config.json")
     state = t5_from_transformers(read_sharded_folder(folder, "model"))
     return build_and_load(lambda: T5Encoder(cfg), state, folder, device=device, dtype=dtype)
 
@@ -2064,7 +2065,7 @@ def load_clip_text(path: str | Path, *, device: str | torch.device = "cpu",
     folder = _component_folder(path, "text_encoder", "config.json",
                                "a CLIP text encoder folder (config.json + model.safetensors or "
                                "model.safetensors.index.json)")
-    cfg = clip_text_config_from_json(_read_json(folder / "config.json"), folder / "config.json")
+    cfg = clip_text_config_from_json(read_json(folder / "config.json"), folder / "config.json")
     state = clip_text_from_transformers(read_sharded_folder(folder, "model"))
     return build_and_load(lambda: CLIPText(cfg), state, folder, device=device, dtype=dtype)
 
@@ -2116,7 +2117,7 @@ def _clip_folder(path: str | Path, what: str) -> tuple[Path, dict]:
         found = sorted(p.name for p in folder.iterdir())[:12] if folder.is_dir() else "no such folder"
         raise CheckpointError(f"{folder}: expected {what} (config.json + model.safetensors or "
                               f"model.safetensors.index.json + shards); found {found}")
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     if config.get("model_type") not in ("clip", "clip_vision_model"):
         raise CheckpointError(f"{folder / 'config.json'}: model_type {config.get('model_type')!r} is neither a "
                               f"CLIPModel ('clip') nor a CLIPVisionModelWithProjection ('clip_vision_model')")
@@ -2391,7 +2392,7 @@ def load_autoencoder(path: str | Path, *, device: str | torch.device = "cpu", dt
         single = path / "ae.safetensors"
         has_weights = has_sharded_weights(folder, "diffusion_pytorch_model")
         if (folder / "config.json").is_file() and (has_weights or not single.is_file()):
-            params = config or _ae_params_from_diffusers_config(_read_json(folder / "config.json"),
+            params = config or _ae_params_from_diffusers_config(read_json(folder / "config.json"),
                                                                folder / "config.json")
             state = ae_from_diffusers(read_sharded_folder(folder, "diffusion_pytorch_model"), params)
             return build_and_load(lambda: AutoEncoder(params), state, folder, device=device, dtype=dtype)
@@ -2409,7 +2410,7 @@ def load_autoencoder(path: str | Path, *, device: str | torch.device = "cpu", dt
     state = read_safetensors(path)
     beside = path.parent / "config.json"
     # Only an AutoencoderKL config counts: the same folder may hold another model's config.json.
-    file_config = _read_json(beside) if beside.is_file() else {}
+    file_config = read_json(beside) if beside.is_file() else {}
     if file_config.get("_class_name") != "AutoencoderKL":
         file_config = None
     if "decoder.conv_norm_out.weight" in state:  # a diffusers-named single file
