@@ -430,9 +430,11 @@ def heldout_metrics(images: torch.Tensor, prompts: list[str], counter: R.Learned
                                    shares none of the detector's machinery), if given: reward hacking
                                    of one counter shows as disagreement with the other
     """
-    rss = -R.CountingReward()(images, prompts)
-    comp = R.CompositionReward()(images, prompts)
-    fid = toyworld.fidelity(images)
+    R.check_inputs(images, prompts, "held-out metrics")
+    found = toyworld.detect(images)  # once, for the three detector-based metrics
+    rss = [R.rss_of(p, f) for p, f in zip(prompts, found)]
+    comp = [float(np.mean(R.composition_facts(toyworld.parse_prompt(p), f))) for p, f in zip(prompts, found)]
+    fid = toyworld.fidelity(images, found)
     learned = [float("nan")] * len(prompts)
     if counter is not None:
         with torch.no_grad():

@@ -100,15 +100,18 @@ def check_inputs(images: torch.Tensor, prompts: list[str], name: str) -> None:
 # Exact shape-world rewards
 
 
+def rss_of(prompt: str, found: list[toyworld.Detection]) -> int:
+    """RSS = sum_i (C_i - C_hat_i)^2 over the prompt's categories i (paper Sec. 7.2), for one image's
+    detections."""
+    seen = toyworld.count(found)
+    return sum((n - seen.get(cat, 0)) ** 2 for cat, n in toyworld.parse_prompt(prompt).counts().items())
+
+
 def counting_rss(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """RSS = sum_i (C_i - C_hat_i)^2 over the prompt's categories i (paper Sec. 7.2), counts
-    C_hat from the exact detector: (B,) float."""
+    """RSS of each image, counts C_hat from the exact detector: (B,) float."""
     check_inputs(images, prompts, "counting")
-    rss = []
-    for prompt, found in zip(prompts, toyworld.detect(images)):
-        seen = toyworld.count(found)
-        rss.append(sum((n - seen.get(cat, 0)) ** 2 for cat, n in toyworld.parse_prompt(prompt).counts().items()))
-    return torch.tensor(rss, dtype=torch.float32)
+    return torch.tensor([rss_of(p, found) for p, found in zip(prompts, toyworld.detect(images))],
+                        dtype=torch.float32)
 
 
 def counting_accuracy(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

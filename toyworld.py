@@ -643,18 +643,19 @@ def rerender(detections: list[Detection], size: int = IMAGE_SIZE) -> np.ndarray:
     return np.clip(draw(placed, size), 0, 1)          # clip: two detections could overlap
 
 
-def fidelity(images: torch.Tensor) -> torch.Tensor:
+def fidelity(images: torch.Tensor, found: list[list[Detection]] | None = None) -> torch.Tensor:
     """1 - |image - rerender|_1 / |rerender - background|_1 per image, clamped to [0, 1]: (B,).
 
     1 for an image that is exactly a clean scene; blur (contrast spread beyond the shapes' edges),
     ghosts (contrast no detection explains), noise and wrong shapes all lower it; 0 when nothing is
-    detected. Measured on 100 renders: 0.999 clean, 0.75 blurred by 1 px, 0.96 with one ghost
+    detected. `found` (detect(images)) saves the detection when the caller has it already.
+    Measured on 100 renders: 0.999 clean, 0.75 blurred by 1 px, 0.96 with one ghost
     object at 30% opacity, 0.13 with N(0, 0.1^2) noise (L1 counts every grain of noise).
     """
     images = torch.as_tensor(images).detach().float().cpu()
     if images.ndim == 3:
         images = images[None]
-    found = detect(images)
+    found = detect(images) if found is None else found
     bg = torch.tensor(BACKGROUND).view(3, 1, 1)
     scores = []
     for image, detections in zip(images, found):

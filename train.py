@@ -328,7 +328,6 @@ def save_model(stage: Stage, cfg: TrainConfig, work: Path, final: Path, variant:
 
 def train(cfg: TrainConfig) -> tuple[Path, Path]:
     """Stage 1 (teacher, rectified flow) -> pairs -> stage 2 (student, reflow); returns both folders."""
-    torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -404,11 +403,6 @@ EVAL_RUNS = {   # label -> generate() settings; every method returns x0_hat at i
 }
 
 
-def _mean_se(values: list[float]) -> dict:
-    v = np.asarray(values, dtype=float)
-    return {"mean": round(float(v.mean()), 4), "se": round(float(v.std(ddof=1) / np.sqrt(len(v))), 4)}
-
-
 def one_step_images(pipe, prompts: list[str], seed: int):
     """x0_hat at t = 1 (Eq. 19 with x_1 = eps): the model's image after a single NFE, (P, 3, H, W).
     The noise is the one generate() draws for a plain sampler's first particle with this seed."""
@@ -431,7 +425,12 @@ def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int
     standard error over prompts. BoN at `bon_nfe` (0: skipped; given reward: the exact counting
     reward) runs on counting only, where it shows how much room the task leaves above best-of-N.
     Written into flowscale.json under "eval" and returned."""
-    import flowscale  # the pipeline imports this module's neighbours, not this module
+    import bench  # the pipeline and the harness import this module's neighbours, not this module
+    import flowscale
+
+    def mean_se(values: list[float]) -> dict:
+        stat = bench.mean_se(values)
+        return {"mean": round(stat.mean, 4), "se": round(stat.se, 4)}
 
     pipe = flowscale.load_pipeline(folder)
     runs = dict(EVAL_RUNS)
@@ -453,16 +452,14 @@ def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int
                 else:
                     metrics += flowscale.generate(pipe, chunk, reward=kind, seed=seed + i, **settings).metrics
             keys = ("accuracy", "rss") if kind == "counting" else ("composition",)
-            scores[kind][label] = {**{k: _mean_se([m[k] for m in metrics])
+            scores[kind][label] = {**{k: mean_se([m[k] for m in metrics])
                                       for k in (*keys, "fidelity", "counter_accuracy")},
                                    "seconds": round(time.perf_counter() - start, 1)}
     meta_file = Path(folder) / "flowscale.json"
     meta = json.loads(meta_file.read_text())
     meta["eval"] = {"prompts": f"first {n_prompts} hard held-out prompts per task (>= 3 groups or >= 7 objects), "
                                f"seed {seed}, one sample each", **scores}
-    tmp = meta_file.with_name(meta_file.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, meta_file)
+    flowscale.write_atomic(meta_file, json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta["eval"], indent=2))
     return meta["eval"]
 
