@@ -82,9 +82,9 @@ class TrainConfig:
     work: str = "out/train"             # checkpoints, tokenizers and teacher pairs (resumable state)
     image_size: int = toyworld.IMAGE_SIZE   # pixels per side; PixelLatent(3) + 2x2 packing -> (size/6)^2 tokens
     latent_factor: int = 3              # PixelLatent block size
-    teacher_steps: int = 3000           # optimizer steps of stage 1 (rectified flow)
-    pairs: int = 8192                   # (noise, teacher sample) pairs for reflow
-    pair_steps: int = 20                # Euler steps of the teacher ODE that makes a pair
+    teacher_steps: int = 2800           # optimizer steps of stage 1 (rectified flow)
+    pairs: int = 12288                  # (noise, teacher sample) pairs for reflow (more prompts -> the student keeps counting)
+    pair_steps: int = 10                # Euler steps of the teacher ODE that makes a pair (= the plain sampler's 10)
     student_steps: int = 1500           # optimizer steps of stage 2 (reflow)
     batch_size: int = 64                # images per step
     lr: float = 1e-3                    # AdamW peak learning rate, teacher
