@@ -19,10 +19,12 @@ What is here, in reading order:
 2. Parameterisation conversions: velocity <-> x0_hat (Tweedie) <-> eps_hat <-> score (Eq. 8).
 3. Interpolant conversion (Eqs. 10-11): a velocity model trained on one path becomes the exact
    velocity of the same data on another path, at the price of one network call per evaluation.
-   Linear -> VP is the paper's "VP-SDE" (Eq. 12).
+   Linear -> VP is the paper's "VP-SDE" (Eq. 12). `to_source` and `target_velocity` are the two halves
+   of Eq. 11 on given coefficients (search.py caches them per grid), `convert_velocity` wraps a model.
 4. The reverse SDE with the flow's marginals (Eq. 7, App. B Prop. 1), the official code's diffusion
-   coefficients g(t) (paper default 3 t^2), the Euler ODE step (Eq. 6) and the Euler-Maruyama
-   proposal (Eq. 9).
+   coefficients g(t) (paper default 3 t^2), the factor with which a tilted score (Eq. 30, DPS) moves
+   a step, the Euler ODE step (Eq. 6) and the Euler-Maruyama proposal (Eq. 9): `euler_maruyama` on
+   given coefficients (search.py's grid), `euler_maruyama_step` from times.
 5. Time grids: uniform, the paper's `exp` grid (App. C), FLUX's resolution shift.
 6. GaussianMixtureFlow: the exact velocity of a Gaussian-mixture data distribution under any
    interpolant. It stands in for a pretrained model in the tests and notebooks, because every
@@ -121,8 +123,8 @@ class LinearInterpolant:
 class VPInterpolant:
     """The variance-preserving path of DDPM / score SDEs [3], time flipped so t = 1 is noise (as in [1]'s code).
 
-    With T(t) = int_0^t beta(r) dr = beta_min t + (beta_max - beta_min) t^2 / 2 (linear beta(r)):
-    alpha_t = exp(-T / 2), sigma_t = sqrt(1 - exp(-T)), so alpha_t^2 + sigma_t^2 = 1.
+    With B_t = int_0^t beta(r) dr = beta_min t + (beta_max - beta_min) t^2 / 2 (linear beta(r)):
+    alpha_t = exp(-B_t / 2), sigma_t = sqrt(1 - exp(-B_t)), so alpha_t^2 + sigma_t^2 = 1.
     alpha_1 = exp(-5.025) = 0.0066 > 0: the path never reaches pure noise. d_sigma_t ~ 1/sqrt(t) is
     infinite at t = 0, so use t in (0, 1] wherever d_sigma_t enters.
     """
@@ -136,21 +138,21 @@ class VPInterpolant:
 
     def __call__(self, t: Tensor) -> Coeffs:
         t = _time(t)
-        T = self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2  # int_0^t beta
-        d_T = self.beta_min + (self.beta_max - self.beta_min) * t  # beta(t)
-        alpha_t = torch.exp(-0.5 * T)
-        sigma_t = torch.sqrt(-torch.expm1(-T))  # expm1 keeps sigma_t accurate for small t
-        d_alpha_t = -0.5 * d_T * alpha_t
-        d_sigma_t = 0.5 * d_T * alpha_t**2 / sigma_t
+        B_t = self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2  # int_0^t beta
+        beta_t = self.beta_min + (self.beta_max - self.beta_min) * t  # beta(t) = dB_t / dt
+        alpha_t = torch.exp(-0.5 * B_t)
+        sigma_t = torch.sqrt(-torch.expm1(-B_t))  # expm1 keeps sigma_t accurate for small t
+        d_alpha_t = -0.5 * beta_t * alpha_t
+        d_sigma_t = 0.5 * beta_t * alpha_t**2 / sigma_t
         return Coeffs(alpha_t, sigma_t, d_alpha_t, d_sigma_t)
 
     def snr_inverse(self, rho: Tensor) -> Tensor:
-        # rho^2 = e^{-T} / (1 - e^{-T})  =>  T = log(1 + 1 / rho^2); then solve the quadratic T(t) = T.
-        # The root is written in 1/T so that it is free of cancellation for small T and gives t = 0 for
+        # rho^2 = e^{-B} / (1 - e^{-B})  =>  B = log(1 + 1 / rho^2); then solve the quadratic B_t = B for t.
+        # The root is written in 1/B so that it is free of cancellation for small B and gives t = 0 for
         # rho = inf. rho below alpha_1 / sigma_1 = 0.0066 gives t > 1 (rho = 0: t = inf): not on the VP path.
-        inv_T = 1 / torch.log1p(_time(rho) ** -2)
+        inv_B = 1 / torch.log1p(_time(rho) ** -2)
         d_beta = self.beta_max - self.beta_min
-        return 2 / (self.beta_min * inv_T + torch.sqrt((self.beta_min * inv_T) ** 2 + 2 * d_beta * inv_T))
+        return 2 / (self.beta_min * inv_B + torch.sqrt((self.beta_min * inv_B) ** 2 + 2 * d_beta * inv_B))
 
 
 @dataclass(frozen=True)
@@ -288,20 +290,27 @@ def conversion_coeffs(s: Tensor, source: Interpolant, target: Interpolant) -> Co
     serve target SNRs below its own alpha_1 / sigma_1 = 0.0066, e.g. the linear path at s > 0.9935).
     """
     bar = target(s)
-    t_s = source.snr_inverse(bar.alpha_t / bar.sigma_t)
-    c = source(t_s)
-    c_s = bar.sigma_t / c.sigma_t
+    t_s = source.snr_inverse(bar.alpha_t / bar.sigma_t)  # the SNR-matched time (Fig. 4 of the paper)
+    src = source(t_s)
+    c_s = bar.sigma_t / src.sigma_t
     # rho(t_s) = bar_rho(s) differentiated in s, with rho' = (d_alpha sigma - alpha d_sigma) / sigma^2
-    d_t_s = (c.sigma_t**2 * (bar.sigma_t * bar.d_alpha_t - bar.alpha_t * bar.d_sigma_t)
-             / (bar.sigma_t**2 * (c.sigma_t * c.d_alpha_t - c.alpha_t * c.d_sigma_t)))
-    d_c_s = (c.sigma_t * bar.d_sigma_t - bar.sigma_t * c.d_sigma_t * d_t_s) / c.sigma_t**2
+    d_t_s = (src.sigma_t**2 * (bar.sigma_t * bar.d_alpha_t - bar.alpha_t * bar.d_sigma_t)
+             / (bar.sigma_t**2 * (src.sigma_t * src.d_alpha_t - src.alpha_t * src.d_sigma_t)))
+    d_c_s = (src.sigma_t * bar.d_sigma_t - bar.sigma_t * src.d_sigma_t * d_t_s) / src.sigma_t**2
     return ConversionCoeffs(t_s, c_s, d_t_s, d_c_s)
 
 
-def time_to_source(s: Tensor, source: Interpolant, target: Interpolant) -> Tensor:
-    """The SNR-matched source time t_s = rho^{-1}(bar_rho(s)) of Eq. (10) (Fig. 4 of the paper)."""
-    bar = target(s)
-    return source.snr_inverse(bar.alpha_t / bar.sigma_t)
+def to_source(bar_x: Tensor, k: ConversionCoeffs) -> Tensor:
+    """Eq. (10) inverted: the source-path point x_{t_s} = bar_x_s / c_s where the model is evaluated.
+    k's fields have shape () or (B,) and are broadcast over bar_x (B, *shape)."""
+    return bar_x / _like(k.c_s, bar_x)
+
+
+def target_velocity(u: Tensor, bar_x: Tensor, k: ConversionCoeffs) -> Tensor:
+    """Eq. (11): bar_u_s(bar_x) = (d_c_s / c_s) bar_x + c_s d_t_s u, from the source-path model's velocity
+    u = u_{t_s}(bar_x / c_s). k's fields have shape () or (B,) and are broadcast over bar_x (B, *shape)."""
+    c_s, d_c_s, d_t_s = _like(k.c_s, bar_x), _like(k.d_c_s, bar_x), _like(k.d_t_s, bar_x)
+    return (d_c_s / c_s) * bar_x + c_s * d_t_s * u
 
 
 def convert_velocity(velocity: VelocityFn, source: Interpolant, target: Interpolant) -> VelocityFn:
@@ -317,9 +326,8 @@ def convert_velocity(velocity: VelocityFn, source: Interpolant, target: Interpol
     def converted_velocity(bar_x: Tensor, s: Tensor | float) -> Tensor:
         s = s if isinstance(s, Tensor) else torch.as_tensor(s, dtype=bar_x.dtype, device=bar_x.device)
         k = conversion_coeffs(s, source, target)
-        c_s, d_c_s, d_t_s = _like(k.c_s, bar_x), _like(k.d_c_s, bar_x), _like(k.d_t_s, bar_x)
-        u = velocity(bar_x / c_s, k.t_s.expand(bar_x.shape[0]) if k.t_s.ndim == 0 else k.t_s)
-        return (d_c_s / c_s) * bar_x + c_s * d_t_s * u
+        u = velocity(to_source(bar_x, k), k.t_s.expand(bar_x.shape[0]) if k.t_s.ndim == 0 else k.t_s)
+        return target_velocity(u, bar_x, k)
 
     return converted_velocity
 
@@ -335,7 +343,8 @@ def convert_velocity(velocity: VelocityFn, source: Interpolant, target: Interpol
 class DiffusionCoefficient:
     """g(t) >= 0 of Eq. (7), with the shapes of the official code's `get_sde_diffuse`.
 
-    t is the time of the path being sampled (the VP time after a Linear -> VP conversion).
+    t is the time of the path being sampled (the VP time after a Linear -> VP conversion). The default
+    is the paper's g = 3 t^2; kind "zero" turns every SDE step into an ODE step.
     """
 
     kind: str = "square"  # zero | constant | linear | square | sigma | sin | exp | tan | clipping
@@ -374,12 +383,6 @@ class DiffusionCoefficient:
         return self.norm * torch.clamp(2 * (t - 0.5), min=0)  # "clipping": zero on the data half
 
 
-def diffusion_coefficient(kind: str = "square", norm: float = 3.0,
-                          interpolant: Interpolant | None = None) -> DiffusionCoefficient:
-    """g(t) by name; the default is the paper's g = 3 t^2. kind="zero" turns every SDE step into an ODE step."""
-    return DiffusionCoefficient(kind, norm, interpolant)
-
-
 def sde_drift(u_t: Tensor, x_t: Tensor, c: Coeffs, g_t: Tensor | float) -> Tensor:
     """Eq. (7): f_t = u_t - (g_t^2 / 2) grad log p_t(x_t), with the score from the velocity by Eq. (8).
 
@@ -389,9 +392,35 @@ def sde_drift(u_t: Tensor, x_t: Tensor, c: Coeffs, g_t: Tensor | float) -> Tenso
     return u_t - 0.5 * g_t**2 * score_from_velocity(u_t, x_t, c)
 
 
+def guidance_factor(c: Coeffs, g_t: Tensor | float) -> Tensor:
+    """eta_t + g_t^2 / 2: how much of a change of the score a reverse-SDE step takes, per unit of dt.
+
+    The score enters the step twice: in the SDE correction of Eq. 7 (factor g_t^2 / 2) and inside u_t
+    itself, since Eq. 8 solved for u reads u_t = (d_alpha_t / alpha_t) x - eta_t grad log p_t with
+    eta_t = sigma_t d_sigma_t - sigma_t^2 d_alpha_t / alpha_t. So tilting the score by grad v / beta
+    (Eq. 30, the DPS guidance) moves the step by guidance_factor * dt * grad v / beta, and that is the
+    exact velocity and SDE of the tilted marginals p_t exp(v / beta) (exact for a Gaussian and a linear
+    reward). At alpha_t = 0 (the linear path at t = 1) eta_t is infinite but x0_hat, hence grad v, does
+    not depend on x: the factor is 0 there. Elementwise in the shape of c's fields and g_t.
+    """
+    alpha_t = c.alpha_t.clamp(min=torch.finfo(c.alpha_t.dtype).tiny)
+    eta_t = torch.where(c.alpha_t > 0, c.sigma_t * c.d_sigma_t - c.sigma_t**2 * c.d_alpha_t / alpha_t, 0.0)
+    return eta_t + 0.5 * g_t**2
+
+
 def euler_step(x_t: Tensor, u_t: Tensor, t: Tensor | float, t_next: Tensor | float) -> Tensor:
     """One Euler step of the probability-flow ODE, Eq. (6): x_{t_next} = x_t + (t_next - t) u_t, t_next < t."""
     return x_t + (_like(t_next, x_t) - _like(t, x_t)) * u_t
+
+
+def euler_maruyama(x_t: Tensor, u_t: Tensor, c: Coeffs, g_t: Tensor | float, dt: Tensor | float,
+                   noise: Tensor) -> Tensor:
+    """Eq. (9) with its coefficients given: x_t - f_t dt + g_t sqrt(dt) z, f_t of Eq. (7) from u_t.
+
+    c is the interpolant at the start time t, g_t = g(t), dt = t - t_next > 0; c's fields, g_t and dt
+    have shape (), (B,) or x's. `euler_maruyama_step` computes them from times; search.py from its grid."""
+    g_t, dt = _like(g_t, x_t), _like(dt, x_t)
+    return x_t - sde_drift(u_t, x_t, c, g_t) * dt + g_t * torch.sqrt(dt) * noise
 
 
 def euler_maruyama_step(x_t: Tensor, u_t: Tensor, t: Tensor | float, t_next: Tensor | float,
@@ -415,8 +444,7 @@ def euler_maruyama_step(x_t: Tensor, u_t: Tensor, t: Tensor | float, t_next: Ten
         return euler_step(x_t, u_t, t, t_next)
     if noise is None:
         noise = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
-    f_t = sde_drift(u_t, x_t, interpolant(t), g_t)
-    return x_t - f_t * dt + g_t * torch.sqrt(dt) * noise
+    return euler_maruyama(x_t, u_t, interpolant(t), g_t, dt, noise)
 
 
 # -----------------------------------------------------------------------------------------------

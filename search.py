@@ -104,7 +104,7 @@ class Problem:
     # FLUX.1-dev is sampled shifted by BFL (sde.flux_shift of its token count); schnell and the embedded
     # models are not. Search over Paths keeps its own fixed schedule (t_start, delta_f, delta_b).
     time_shift: float | None = None
-    diffusion: str = "square"  # shape of g(t), an sde.diffusion_coefficient kind (SDE dynamics only)
+    diffusion: str = "square"  # shape of g(t), an sde.DiffusionCoefficient kind (SDE dynamics only)
     diffusion_norm: float = 3.0  # scale of g(t): "square" with 3.0 is the paper's g = 3 t^2 (App. F.1)
     max_batch: int = 256  # at most this many rows per velocity / reward call (memory)
     lookahead: str = "tweedie"  # value of a particle: "tweedie" (Eq. 19) or "ode:K" (K Euler steps to t = 0)
@@ -138,7 +138,7 @@ class Problem:
             raise ValueError(f"Problem.time_shift must be None or a finite number > 0, got {self.time_shift!r}")
         self.path = sde.VPInterpolant() if self.dynamics == "vp-sde" else sde.LinearInterpolant()
         try:
-            g = sde.diffusion_coefficient(self.diffusion, self.diffusion_norm, interpolant=self.path)
+            g = sde.DiffusionCoefficient(self.diffusion, self.diffusion_norm, interpolant=self.path)
         except ValueError as err:
             raise ValueError(f"Problem.diffusion / Problem.diffusion_norm: {err}") from None
         self.g = None if self.dynamics == "linear-ode" else g
@@ -255,15 +255,14 @@ def _col(a: Tensor, x: Tensor) -> Tensor:
 
 def _path_velocity(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor) -> tuple[Tensor, Tensor]:
     """The velocity of the sampled path from one model call: the model's own (linear path), or converted
-    to VP by Eq. 11 with coefficients computed once per grid (the same formula as sde.convert_velocity).
+    to VP by Eq. 11 (sde.to_source, sde.target_velocity) with coefficients computed once per grid.
     Also returns the model's own velocity u (on the linear path, at its time t_s), for the lookahead."""
     B = x_t.shape[0]
     if at.conv is None:
         u = _timed_velocity(problem, counts, x_t, at.t.expand(B), prompt)
         return u, u
-    c_s, d_c_s, d_t_s = _col(at.conv.c_s, x_t), _col(at.conv.d_c_s, x_t), _col(at.conv.d_t_s, x_t)
-    u = _timed_velocity(problem, counts, x_t / c_s, at.conv.t_s.expand(B), prompt)  # at the SNR-matched time
-    return (d_c_s / c_s) * x_t + c_s * d_t_s * u, u  # Eq. 11
+    u = _timed_velocity(problem, counts, sde.to_source(x_t, at.conv), at.conv.t_s.expand(B), prompt)  # at t_s
+    return sde.target_velocity(u, x_t, at.conv), u
 
 
 def _checked(u: Tensor, x: Tensor) -> Tensor:
@@ -293,7 +292,7 @@ def _ode_lookahead(problem: Problem, counts: Counts, x_t: Tensor, at: _At, promp
     at time t_s, Eq. 10, under vp-sde); step 0 uses the model call `u` already made there, so K = 1 is
     Tweedie's x0_hat and every further step is one more NFE (counted by the caller). Returns the end point."""
     K = problem.lookahead_nfe + 1
-    x, t = (x_t, at.t) if at.conv is None else (x_t / _col(at.conv.c_s, x_t), at.conv.t_s)
+    x, t = (x_t, at.t) if at.conv is None else (sde.to_source(x_t, at.conv), at.conv.t_s)
     h = _col(t.expand(x.shape[0]) / K, x)  # (B, 1, ..., 1), the step size of every row
     for j in range(K):
         if j > 0:
@@ -399,7 +398,7 @@ class _Run:
     problem: Problem
     grid: _At  # the time grid t_0 = 1 > ... > t_T = 0 of the sampled path and its coefficients, (T + 1,)
     g: Tensor  # (T + 1,) g(t) on the grid (zeros for the ODE)
-    eta_g: Tensor  # (T + 1,) eta_t + g_t^2 / 2, the DPS guidance factor (see `_guidance`)
+    eta_g: Tensor  # (T + 1,) eta_t + g_t^2 / 2, the DPS guidance factor (sde.guidance_factor)
     counts: Counts
     gens: list[torch.Generator]  # prompt p draws all its randomness from gens[p]
     callback: Callable[[StepInfo], None] | None
@@ -435,7 +434,7 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     g = problem.g(ts) if problem.g is not None else torch.zeros_like(ts)
     counts = new_counts(P, nfe)
     best = torch.full((P,), -math.inf, device=problem.device)
-    return _Run(problem, grid, g, _guidance(grid.c, g), counts, gens, callback, [], best,
+    return _Run(problem, grid, g, sde.guidance_factor(grid.c, g), counts, gens, callback, [], best,
                 counts.nfe.clone(), start=start, times=ts.tolist())
 
 
@@ -533,38 +532,21 @@ def _record(run: _Run, step: int, ess: Tensor | None = None, nfe: Tensor | None 
         run.callback(info)
 
 
-def _guidance(c: sde.Coeffs, g_t: Tensor) -> Tensor:
-    """The factor eta_t + g_t^2 / 2 of the tilted-score guidance; the step adds it * dt / beta * grad v.
-
-    Eq. 30 tilts the score by the value: grad log p*_t = grad log p_t + grad v / beta. The score enters
-    the step twice: in the SDE correction of Eq. 7 (factor g_t^2 / 2) and inside u_t itself, since Eq. 8
-    solved for u reads u_t = (d_alpha_t / alpha_t) x - eta_t grad log p_t with
-    eta_t = sigma_t d_sigma_t - sigma_t^2 d_alpha_t / alpha_t. Tilting both gives the exact velocity and
-    SDE of the tilted marginals p_t exp(v / beta) (test: exact for a Gaussian and a linear reward). The
-    paper substitutes Eq. 30 into Eq. 7's score only, which gives no guidance at all for the ODE.
-    At alpha_t = 0 (the linear path at t = 1) eta is infinite but x0_hat, hence grad v, does not depend
-    on x: the factor is set to 0 there.
-    """
-    alpha_t = c.alpha_t.clamp(min=torch.finfo(c.alpha_t.dtype).tiny)
-    eta_t = torch.where(c.alpha_t > 0, c.sigma_t * c.d_sigma_t - c.sigma_t**2 * c.d_alpha_t / alpha_t, 0.0)
-    return eta_t + 0.5 * g_t**2
-
-
 def _propose(run: _Run, x: Tensor, ev: Evaluation, i: Tensor | int, n: int, dps_beta: float | None,
              noise: Tensor | None = None) -> Tensor:
-    """One proposal step from grid index i to i + 1 for the layout (P, n): Euler for the ODE (Eq. 6),
-    else Euler-Maruyama (Eq. 9 / 12, as sde.euler_maruyama_step, with grid coefficients computed once;
+    """One proposal step from grid index i to i + 1 for the layout (P, n): Euler for the ODE (Eq. 6,
+    sde.euler_step), else Euler-Maruyama (Eq. 9 / 12, sde.euler_maruyama on the grid's coefficients;
     `noise` replaces the draw from the prompts' generators). With dps_beta, the DPS guidance (the
-    value's gradient at x, carried in ev.grad) is added (Eq. 30)."""
+    value's gradient at x, carried in ev.grad) moves the step by sde.guidance_factor (Eq. 30)."""
     now = run.grid.index(i)
-    dt = _col(now.t - run.grid.t[i + 1], x)  # > 0, backward in time
+    t_next = run.grid.t[i + 1]
     if run.problem.g is None:
-        x_next = x - dt * ev.u_t
+        x_next = sde.euler_step(x, ev.u_t, now.t, t_next)
     else:
-        g_t = _col(run.g[i], x)
-        f_t = sde.sde_drift(ev.u_t, x, now.c, g_t)  # Eq. 7
-        x_next = x - f_t * dt + g_t * dt.sqrt() * (_noise(run, n) if noise is None else noise)
+        x_next = sde.euler_maruyama(x, ev.u_t, now.c, _col(run.g[i], x), _col(now.t - t_next, x),
+                                    _noise(run, n) if noise is None else noise)
     if dps_beta is not None:
+        dt = _col(now.t - t_next, x)  # > 0, backward in time
         x_next = x_next + (_col(run.eta_g[i], x) * dt / dps_beta) * ev.grad
     return x_next
 
@@ -626,7 +608,7 @@ def best_of_n(problem: Problem, nfe: int, *, generator: torch.Generator, callbac
 def dps(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None,
         n: int = 1, beta: float = DPS_BETA) -> SearchResult:
     """Gradient guidance alone ("DPS" of Table 2): n guided chains (default one, as the paper's DPS row),
-    every step moved along grad_x reward(x0_hat(x)) / beta (Eq. 30, see `_guidance`). One NFE and one
+    every step moved along grad_x reward(x0_hat(x)) / beta (Eq. 30, see sde.guidance_factor). One NFE and one
     backward per chain and step. Needs Problem(differentiable=True)."""
     _need_gradients(problem, beta)
     run = _start(problem, nfe, generator, callback, "dps", {"n": n})

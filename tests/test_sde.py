@@ -95,7 +95,7 @@ def test_get_interpolant_names():
 def test_snr_matched_times_match_the_paper_table():
     # the paper's App. C: VP times 1.0, 0.6, 0.4359 correspond to CondOT times 0.9935, 0.8591, 0.7087
     s = torch.tensor([1.0, 0.6, 0.4359], dtype=F64)
-    t_s = sde.time_to_source(s, LinearInterpolant(), VPInterpolant())
+    t_s = sde.conversion_coeffs(s, LinearInterpolant(), VPInterpolant()).t_s
     torch.testing.assert_close(t_s, torch.tensor([0.9935, 0.8591, 0.7087], dtype=F64), rtol=0, atol=6e-5)
 
 
@@ -232,9 +232,24 @@ def test_conversion_keeps_float32():
 # Diffusion coefficients, steps
 
 
+@pytest.mark.parametrize("interp", [LinearInterpolant(), VPInterpolant(), CosineInterpolant()], ids=lambda i: i.name)
+def test_guidance_factor_is_eq_8_solved_for_the_velocity(interp):
+    # u_t = (d_alpha_t / alpha_t) x - eta_t grad log p_t, with eta_t = sde.guidance_factor(c, g_t = 0),
+    # on the exact mixture flow; and the SDE part adds g_t^2 / 2
+    flow = mixture(interp)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    t = torch.tensor([0.05, 0.2, 0.4, 0.6, 0.8, 0.95], dtype=F64)
+    c = interp(t)
+    eta = sde.guidance_factor(c, 0.0)[:, None]
+    u = (c.d_alpha_t / c.alpha_t)[:, None] * x - eta * flow.score(x, t)
+    torch.testing.assert_close(u, flow.velocity(x, t), rtol=1e-9, atol=1e-9)
+    g_t = torch.full_like(t, 0.7)
+    torch.testing.assert_close(sde.guidance_factor(c, g_t), eta[:, 0] + 0.5 * 0.49, rtol=1e-12, atol=1e-12)
+
+
 def test_diffusion_coefficients():
     t = torch.linspace(0, 1, 11, dtype=F64)
-    g = sde.diffusion_coefficient  # default: the paper's 3 t^2
+    g = sde.DiffusionCoefficient  # default: the paper's 3 t^2
     torch.testing.assert_close(g()(t), 3 * t**2)
     torch.testing.assert_close(g("zero")(t), torch.zeros_like(t))
     torch.testing.assert_close(g("constant", 2.0)(t), torch.full_like(t, 2.0))
@@ -256,18 +271,18 @@ def test_euler_maruyama_with_zero_diffusion_is_the_euler_step():
     t, t_next = torch.full((32,), 0.3, dtype=F64), torch.full((32,), 0.0, dtype=F64)  # t_next = 0 is fine for ODE
     u = flow.velocity(x, t)
     state = gen.get_state()
-    out = sde.euler_maruyama_step(x, u, t, t_next, LinearInterpolant(), sde.diffusion_coefficient("zero"), gen)
+    out = sde.euler_maruyama_step(x, u, t, t_next, LinearInterpolant(), sde.DiffusionCoefficient("zero"), gen)
     assert torch.equal(out, sde.euler_step(x, u, t, t_next)) and torch.equal(out, x - 0.3 * u)
     assert torch.equal(gen.get_state(), state)  # no noise drawn
     with pytest.raises(ValueError, match="backward"):
-        sde.euler_maruyama_step(x, u, 0.3, 0.4, LinearInterpolant(), sde.diffusion_coefficient(), gen)
+        sde.euler_maruyama_step(x, u, 0.3, 0.4, LinearInterpolant(), sde.DiffusionCoefficient(), gen)
 
 
 def test_euler_maruyama_step_moments():
     # Eq. 9: x_next ~ N(x - f dt, g^2 dt I). n = 20000 copies of one point; mean error SE = g sqrt(dt / n),
     # sample variance SE = g^2 dt sqrt(2 / n) (Gaussian); we allow 5 SE.
     n, t, t_next = 20000, 0.8, 0.7
-    flow, g = mixture(), sde.diffusion_coefficient()
+    flow, g = mixture(), sde.DiffusionCoefficient()
     x = torch.tensor([[0.3, -0.4]], dtype=F64).expand(n, 2)
     u = flow.velocity(x, torch.full((n,), t, dtype=F64))
     out = sde.euler_maruyama_step(x, u, t, t_next, LinearInterpolant(), g, torch.Generator().manual_seed(11))
@@ -296,7 +311,7 @@ def sample(kind: str, g_kind: str, seed: int, n: int = N_PARTICLES, num_steps: i
         # the VP path ends at alpha_1 = 0.0066, not pure noise: start from its exact marginal to test Prop. 1
         c = interp(torch.tensor(1.0, dtype=F64))
         x = c.alpha_t * flow.sample_data(n, gen) + c.sigma_t * torch.randn(n, 2, generator=gen, dtype=F64)
-    g = sde.diffusion_coefficient(g_kind)
+    g = sde.DiffusionCoefficient(g_kind)
     ts = sde.time_grid(num_steps)
     for t, t_next in zip(ts[:-1], ts[1:]):
         u = velocity(x, t.expand(n))
@@ -351,7 +366,7 @@ def test_ode_map_is_deterministic_and_sde_follows_its_seed():
         x, gen, ts = x1, torch.Generator().manual_seed(seed), sde.time_grid(steps)
         for t, t_next in zip(ts[:-1], ts[1:]):
             x = sde.euler_maruyama_step(x, flow.velocity(x, t), t, t_next, LinearInterpolant(),
-                                        sde.diffusion_coefficient("zero"), gen)
+                                        sde.DiffusionCoefficient("zero"), gen)
         ends.append(x)
     assert torch.equal(*ends)
 

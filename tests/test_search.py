@@ -109,7 +109,7 @@ def test_smc_carries_weights_when_it_does_not_resample():
 
 def test_dps_samples_the_tilted_gaussian():
     # For Gaussian data N(m, s^2 I) and a linear reward the Tweedie value is exact up to a constant
-    # (the posterior covariance does not depend on x_t), so the guided ODE / SDE of `_guidance` has
+    # (the posterior covariance does not depend on x_t), so the guided ODE / SDE of sde.guidance_factor has
     # exactly the marginals of the tilted target N(m + s^2 A / beta, s^2 I). The returned x0_hat at
     # t_{T-1} is the posterior mean under the untilted model, whose mean is m + lam (m* - m) with
     # lam = alpha^2 s^2 / (alpha^2 s^2 + sigma^2) there. Tolerance: 4 standard errors of the mean of
@@ -336,10 +336,28 @@ def test_evaluate_is_the_converted_velocity_and_tweedie():
     ev = search.evaluate(pb, search.new_counts(1, 4), x, t, torch.zeros(4, dtype=torch.long))
     u = sde.convert_velocity(FLOW.velocity, sde.LinearInterpolant(), sde.VPInterpolant())(x, t)
     vp_flow = FLOW.with_interpolant(sde.VPInterpolant())
-    torch.testing.assert_close(ev.u_t, u, rtol=1e-10, atol=1e-10)
+    assert torch.equal(ev.u_t, u)  # one formula (sde.to_source, sde.target_velocity), two ways to its coefficients
     torch.testing.assert_close(ev.u_t, vp_flow.velocity(x, t), rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(ev.x0_hat, vp_flow.x0_hat(x, t), rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(ev.reward, vp_flow.x0_hat(x, t) @ A.double(), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("dynamics", search.DYNAMICS)
+def test_the_grid_step_is_sdes_euler_maruyama_step(dynamics):
+    # search.py steps with coefficients cached on its grid; sde.euler_maruyama_step computes them from
+    # the times. Both call sde.euler_maruyama (sde.euler_step for the ODE): equal up to the rounding
+    # of a coefficient computed on a vector vs on a scalar.
+    pb = problem(dtype=torch.float64, dynamics=dynamics)
+    state = search._start(pb, 10, gen(18), None, "none", {})
+    x = torch.randn(3, 2, generator=gen(19), dtype=torch.float64)
+    z = torch.randn(3, 2, generator=gen(20), dtype=torch.float64)
+    for i in (0, 3, 8):
+        ev = search._evaluate(pb, state.counts, x, state.grid.index(i), torch.zeros(3, dtype=torch.long),
+                              reward=False, grad=False)
+        step = search._propose(state, x, ev, i, 3, None, noise=z)
+        g = pb.g if pb.g is not None else sde.DiffusionCoefficient("zero")
+        expect = sde.euler_maruyama_step(x, ev.u_t, state.grid.t[i], state.grid.t[i + 1], pb.path, g, noise=z)
+        torch.testing.assert_close(step, expect, rtol=1e-13, atol=1e-13)
 
 
 # Outputs of seeded searches (float32, 2 prompts, 60 NFE; BoN and SoP on the linear ODE, the rest on
