@@ -12,7 +12,8 @@ Budget Forcing and its baselines, Sec. 6, Alg. 2).
     python flowscale.py generate --prompt P [--method rbf] [--dynamics vp-sde] [--nfe 200] ...
         one prompt, one search; writes image.png and result.json
     python flowscale.py bench --task counting --nfe 50,100,200,500 --prompts 16 --seeds 2 --out DIR
-        the paper's tables and figures in miniature (bench.py); resumable, torchrun-shardable
+        the paper's tables and figures in miniature (experiments.py, which imports this module and
+        owns the options of `bench`); resumable, torchrun-shardable
 
 One generate call:
 
@@ -57,9 +58,6 @@ import search
 import toyworld
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "mini-flux-schnell"
-METHODS = ("none", "bon", "sop", "smc", "code", "svdd", "rbf", "dps", "svdd+dps", "rbf+dps")
-DPS_METHODS = ("dps", "svdd+dps", "rbf+dps")
-DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
 # torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: 0 and 2**32 are the same
 # noise. So a seed is an integer in [0, 2**32) and anything else is refused.
 MAX_SEED = 2**32 - 1
@@ -456,10 +454,10 @@ def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamic
     `max_batch` caps the latents per velocity call (the activation memory of a real FLUX.1).
     The search runs on pipe.device; the images come back on the CPU.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if dynamics not in DYNAMICS:
-        raise ValueError(f"unknown dynamics {dynamics!r}; choose one of {', '.join(DYNAMICS)}")
+    if method not in search.METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(search.METHODS)}")
+    if dynamics not in search.DYNAMICS:
+        raise ValueError(f"unknown dynamics {dynamics!r}; choose one of {', '.join(search.DYNAMICS)}")
     check_seed(seed)
     reward_fn = R.get_reward(reward) if isinstance(reward, str) else reward
     check_reward_for(method, reward_fn)
@@ -596,7 +594,7 @@ def check_seed(seed) -> int:
 
 def check_reward_for(method: str, reward) -> None:
     """The dps methods need a differentiable reward: ValueError naming the ones to pass."""
-    if method in DPS_METHODS and not getattr(reward, "differentiable", False):
+    if method in search.DPS_METHODS and not getattr(reward, "differentiable", False):
         raise ValueError(f"{method} needs a differentiable reward and {getattr(reward, 'name', reward)!r} is not: "
                          f"pass --reward learned-counter (on the embedded model; aesthetic and clip-score for real "
                          f"images), or use a method without dps")
@@ -848,8 +846,8 @@ def finished(folder: Path, prompt: str, settings: dict) -> bool:
 
 def cmd_generate(args) -> None:
     # Everything that can be checked cheaply is checked before the model loads and the search runs.
-    if args.method not in METHODS:
-        raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(METHODS)}")
+    if args.method not in search.METHODS:
+        raise ValueError(f"unknown method {args.method!r}; choose one of {', '.join(search.METHODS)}")
     if (args.prompt is None) == (args.prompts is None):
         raise ValueError("give --prompt P or --prompts FILE (one prompt a line), one of them")
     if args.prompt is not None and not args.prompt.strip():
@@ -863,8 +861,8 @@ def cmd_generate(args) -> None:
     placement = device_settings(args)
     knobs = {}
     if args.dps_beta is not None:
-        if args.method not in DPS_METHODS:
-            raise ValueError(f"--dps-beta sets the guidance of {', '.join(DPS_METHODS)}; method {args.method!r} "
+        if args.method not in search.DPS_METHODS:
+            raise ValueError(f"--dps-beta sets the guidance of {', '.join(search.DPS_METHODS)}; method {args.method!r} "
                              f"has none")
         if not (math.isfinite(args.dps_beta) and args.dps_beta > 0):
             raise ValueError(f"--dps-beta must be a finite number > 0, got {args.dps_beta}")
@@ -905,8 +903,6 @@ def cmd_generate(args) -> None:
         return
     # A prompts file: fixed chunks of --batch lines, chunk c searched with seed chunk_seed(seed, c), so
     # that a prompt's result depends on its line only, and a rerun redoes just the unfinished chunks.
-    import bench
-
     folders = [prompt_folder(out, i, p) for i, p in enumerate(read)]
     records, skipped = [], 0
     for c, lo in enumerate(range(0, len(read), args.batch)):
@@ -915,7 +911,7 @@ def cmd_generate(args) -> None:
         skipped += len(chunk) - len(todo)
         if not todo:
             continue
-        gen = search_for([read[i] for i in chunk], bench.chunk_seed(args.seed, c))
+        gen = search_for([read[i] for i in chunk], chunk_seed(args.seed, c))
         for j, i in enumerate(chunk):
             if i not in todo:
                 continue
@@ -926,6 +922,12 @@ def cmd_generate(args) -> None:
             print(f"flowscale generate: {folders[i]}: reward {record['reward']:.4g}", file=sys.stderr)
     print(json.dumps({"out": str(out), "prompts": len(read), "written": len(records), "skipped": skipped,
                       "results": records}, indent=2))
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The generate seed of chunk c of a prompts file (or of a bench run): distinct chunks get
+    independent noises, though prompt positions within chunks repeat."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
 
 
 def search_knobs(args) -> dict:
@@ -995,8 +997,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "a rerun skips the finished ones")
     gen.add_argument("--batch", type=int, default=1,
                      help="with --prompts: prompts searched together (their latents share velocity calls)")
-    gen.add_argument("--method", default="rbf", help=" | ".join(METHODS))
-    gen.add_argument("--dynamics", default="vp-sde", help=" | ".join(DYNAMICS))
+    gen.add_argument("--method", default="rbf", help=" | ".join(search.METHODS))
+    gen.add_argument("--dynamics", default="vp-sde", help=" | ".join(search.DYNAMICS))
     gen.add_argument("--nfe", type=int, default=200, help="NFE budget (velocity evaluations)")
     gen.add_argument("--height", type=int, default=1024, help="image height (real FLUX.1 only)")
     gen.add_argument("--width", type=int, default=1024, help="image width (real FLUX.1 only)")
@@ -1012,28 +1014,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(gen)
     gen.add_argument("--out", default="out/generate")
 
-    import bench  # the benchmark harness imports this module, so it is imported here, not at the top
-
-    bench.add_arguments(sub.add_parser("bench", help="the paper's tables and figures in miniature (bench.py)",
-                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    # listed here; its options are experiments.py's (main hands the command over before parsing)
+    sub.add_parser("bench", add_help=False, help="the paper's tables and figures in miniature (experiments.py; "
+                                                 "`flowscale.py bench --help` for its options)")
     return parser
 
 
-INTERRUPTED = {"bench": "the rows written so far are kept in {out}/results.csv; run the same command again "
-                         "to resume",
-               "generate": "nothing was written to {out} for the search that ran; run it again (with --prompts, "
+INTERRUPTED = {"generate": "nothing was written to {out} for the search that ran; run it again (with --prompts, "
                             "the finished prompts are skipped)",
                "demo": "the files written so far in {out} are whole (each is written at once); run it again"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        # The experiment harness is built on this module (experiments -> flowscale): imported for its
+        # command only, so that no other command loads it.
+        import experiments
+
+        return experiments.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "bench":
-            import bench
-            bench.run(args)
+        if args.command == "demo":
+            cmd_demo(args)
         else:
-            {"demo": cmd_demo, "generate": cmd_generate}[args.command](args)
+            cmd_generate(args)
     except ValueError as e:  # bad user input (unknown method, budget too small, unknown words, ...)
         print(f"flowscale {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -77,7 +77,8 @@ from torch import Tensor
 import sde
 
 DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
-METHODS = ("none", "bon", "sop", "smc", "code", "svdd", "rbf", "dps", "svdd+dps", "rbf+dps")
+METHODS = ("none", "bon", "sop", "smc", "code", "svdd", "rbf", "dps", "svdd+dps", "rbf+dps")  # "none": plain sampler
+DPS_METHODS = ("dps", "svdd+dps", "rbf+dps")  # the methods with gradient guidance (need a differentiable reward)
 ALLOCATIONS = ("rollover", "uniform", "threshold")  # how rbf spends its budget over the steps
 DPS_BETA = 0.1  # default reward temperature of the guided methods, as App. F.2 (guidance strength 1 / beta)
 

@@ -425,11 +425,11 @@ def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int
     standard error over prompts. BoN at `bon_nfe` (0: skipped; given reward: the exact counting
     reward) runs on counting only, where it shows how much room the task leaves above best-of-N.
     Written into flowscale.json under "eval" and returned."""
-    import bench  # the pipeline and the harness import this module's neighbours, not this module
+    import experiments  # the harness built on flowscale; imported here, for this function only
     import flowscale
 
     def mean_se(values: list[float]) -> dict:
-        stat = bench.mean_se(values)
+        stat = experiments.mean_se(values)
         return {"mean": round(stat.mean, 4), "se": round(stat.se, 4)}
 
     pipe = flowscale.load_pipeline(folder)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import bench  # noqa: E402
+import experiments  # noqa: E402
 import flowscale  # noqa: E402
 import rewards  # noqa: E402
 import search  # noqa: E402
@@ -380,7 +380,7 @@ def test_malicious_pth_is_refused_without_torchs_advice(tmp_path):
 
 def bench_args(model: Path, out: Path, *extra) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    experiments.add_arguments(parser)
     argv = ["--model", model, "--methods", "none,bon,rbf", "--dynamics", "linear-ode,vp-sde", "--nfe", "30",
             "--prompts", "2", "--batch", "1", "--diversity-prompts", "1", "--diversity-samples", "2", "--out", out]
     return parser.parse_args([str(a) for a in [*argv, *extra]])
@@ -394,14 +394,14 @@ def rows_of(out: Path) -> list[tuple]:
 
 def images_ok(out: Path, model: Path) -> bool:
     """Every unit's image of prompt 0 reads back as its row's image (nothing for the grid to miss)."""
-    cfg = bench.config_from_args(bench_args(model, out))
-    return bench.pending_units(cfg, bench.plan(cfg)[0]) == []
+    cfg = experiments.config_from_args(bench_args(model, out))
+    return experiments.pending_units(cfg, experiments.plan(cfg)[0]) == []
 
 
 @pytest.fixture(scope="module")
 def clean(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("clean")
-    bench.run(bench_args(tiny_model, out))
+    experiments.cmd_bench(bench_args(tiny_model, out))
     return out
 
 
@@ -413,13 +413,13 @@ def test_clean_bench_run(clean, tiny_model):
 
 def test_kill_during_a_csv_row_resumes_to_the_clean_rows(clean, tiny_model, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    real, calls = bench.append_rows, []
+    real, calls = experiments.append_rows, []
 
     def killed_on_the_third(path, rows):
         calls.append(1)
         if len(calls) < 3:
             return real(path, rows)
-        line = ",".join(rows[0][c] for c in bench.COLUMNS)
+        line = ",".join(rows[0][c] for c in experiments.COLUMNS)
         with open(path, "a") as f:
             f.write(line[: len(line) // 2])  # half a row, then the process dies
         raise KeyboardInterrupt
@@ -429,7 +429,7 @@ def test_kill_during_a_csv_row_resumes_to_the_clean_rows(clean, tiny_model, tmp_
     err = capsys.readouterr().err
     assert "Traceback" not in err and "interrupted; the rows written so far are kept" in err.splitlines()[-1]
     monkeypatch.setattr(bench, "append_rows", real)
-    bench.run(bench_args(tiny_model, out))
+    experiments.cmd_bench(bench_args(tiny_model, out))
     assert rows_of(out) == rows_of(clean) and images_ok(out, tiny_model)
 
 
@@ -453,11 +453,11 @@ def test_kill_during_a_png_resumes_to_the_clean_rows(clean, tiny_model, tmp_path
 
     monkeypatch.setattr(flowscale, "finish", killed_on_the_second_image)
     with pytest.raises(KeyboardInterrupt):
-        bench.run(bench_args(tiny_model, out))
+        experiments.cmd_bench(bench_args(tiny_model, out))
     monkeypatch.setattr(flowscale, "finish", real)
     assert not (out / "images" / calls[1].name).exists()
     assert ("none", "vp-sde") not in {r[3:5] for r in rows_of(out)}  # the image comes first, so its unit has no row
-    bench.run(bench_args(tiny_model, out))
+    experiments.cmd_bench(bench_args(tiny_model, out))
     assert rows_of(out) == rows_of(clean) and images_ok(out, tiny_model)
 
 
@@ -470,7 +470,7 @@ def test_a_truncated_or_lost_png_is_redone(clean, tiny_model, tmp_path, monkeypa
     calls = []
     real = flowscale.generate
     monkeypatch.setattr(flowscale, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    bench.run(bench_args(tiny_model, out))
+    experiments.cmd_bench(bench_args(tiny_model, out))
     assert len(calls) == 2 and rows_of(out) == rows_of(clean) and images_ok(out, tiny_model)
     assert "not run" not in (out / "results.md").read_text()
 
@@ -489,11 +489,11 @@ def test_a_full_disk_during_the_repair_loses_nothing(clean, tiny_model, tmp_path
 
     monkeypatch.setattr(Path, "write_bytes", full_disk)
     with pytest.raises(ValueError, match="the file is unchanged"):
-        bench.run(bench_args(tiny_model, out))
+        experiments.cmd_bench(bench_args(tiny_model, out))
     monkeypatch.setattr(Path, "write_bytes", real)
     assert (out / "results.csv").read_text() == damaged  # not 62 of 124 rows: every whole row is still there
     assert not list(out.glob(".*.tmp"))
-    bench.run(bench_args(tiny_model, out))
+    experiments.cmd_bench(bench_args(tiny_model, out))
     assert rows_of(out) == rows_of(clean)
 
 
@@ -506,7 +506,7 @@ def test_a_real_file_size_limit_during_the_repair(clean, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, ({len(damaged) // 2}, resource.RLIM_INFINITY))
         try:
-            bench.read_rows(bench.Path({str(path)!r}))
+            experiments.read_rows(experiments.Path({str(path)!r}))
         except ValueError as e:
             print("refused:", e)
     """)
@@ -519,7 +519,7 @@ def test_a_second_run_on_the_same_out_is_refused(clean, tiny_model, tmp_path):
     held = bench.lock(out)
     try:
         with pytest.raises(ValueError, match=f"in use by another bench run \\(pid {os.getpid()} on "):
-            bench.run(bench_args(tiny_model, out))
+            experiments.cmd_bench(bench_args(tiny_model, out))
         proc = run_cli(["bench", *sys_argv(bench_args(tiny_model, out))])
         assert proc.returncode == 2
         assert f"pid {os.getpid()}" in one_error_line(proc.stderr)
@@ -534,9 +534,9 @@ def test_repeated_rows_are_read_once(clean, tiny_model, tmp_path, monkeypatch):
     body = (out / "results.csv").read_text().split("\n", 1)[1]
     with open(out / "results.csv", "a") as f:
         f.write(body)  # a second run's copy of every row
-    assert len(bench.read_rows(out / "results.csv")) == 10
+    assert len(experiments.read_rows(out / "results.csv")) == 10
     monkeypatch.setattr(flowscale, "generate", lambda *a, **k: pytest.fail("nothing is pending"))
-    bench.run(bench_args(tiny_model, out))
+    experiments.cmd_bench(bench_args(tiny_model, out))
     table45 = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| RBF |")]
     assert table45 and all(line.rstrip(" |").endswith("| 2") for line in table45[:2])  # n = 2 prompts, not 4
 
@@ -544,19 +544,19 @@ def test_repeated_rows_are_read_once(clean, tiny_model, tmp_path, monkeypatch):
 def test_another_order_or_batch_runs_its_own_rows(clean, tiny_model, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(clean, out)
-    prompts = bench.config_from_args(bench_args(tiny_model, out)).prompts
+    prompts = experiments.config_from_args(bench_args(tiny_model, out)).prompts
     reversed_file = tmp_path / "prompts.txt"
     reversed_file.write_text("\n".join(reversed(prompts)) + "\n")
     for extra in (["--batch", "2"], ["--prompts", str(reversed_file)]):
-        cfg = bench.config_from_args(bench_args(tiny_model, out, *extra))
-        units = bench.plan(cfg)[0]
-        assert bench.pending_units(cfg, units) == units  # nothing of the other setting is reused
-    bench.run(bench_args(tiny_model, out, "--prompts", reversed_file))
-    cfg = bench.config_from_args(bench_args(tiny_model, out, "--prompts", reversed_file))
-    rows = [r for r in bench.read_rows(out / "results.csv") if r["prompt"] == cfg.prompts[0] and r["prompt_id"] == "0"
+        cfg = experiments.config_from_args(bench_args(tiny_model, out, *extra))
+        units = experiments.plan(cfg)[0]
+        assert experiments.pending_units(cfg, units) == units  # nothing of the other setting is reused
+    experiments.cmd_bench(bench_args(tiny_model, out, "--prompts", reversed_file))
+    cfg = experiments.config_from_args(bench_args(tiny_model, out, "--prompts", reversed_file))
+    rows = [r for r in experiments.read_rows(out / "results.csv") if r["prompt"] == cfg.prompts[0] and r["prompt_id"] == "0"
             and r["method"] == "rbf" and r["dynamics"] == "vp-sde"]
-    image = bench.read_png(bench.image_path(cfg, "rbf", "vp-sde", 30, 0))
-    assert len(rows) == 1 and bench.image_sha(image) == rows[0]["image_sha"]  # the grid shows its title's prompt
+    image = experiments.read_png(experiments.image_path(cfg, "rbf", "vp-sde", 30, 0))
+    assert len(rows) == 1 and experiments.image_sha(image) == rows[0]["image_sha"]  # the grid shows its title's prompt
 
 
 def test_damaged_side_files(clean, tiny_model, tmp_path, capsys):
@@ -564,12 +564,12 @@ def test_damaged_side_files(clean, tiny_model, tmp_path, capsys):
     shutil.copytree(clean, out)
     saved = json.loads((clean / "diversity.json").read_text())
     (out / "diversity.json").write_text((clean / "diversity.json").read_text()[:30])
-    bench.run(bench_args(tiny_model, out))
+    experiments.cmd_bench(bench_args(tiny_model, out))
     assert "diversity.json is damaged" in capsys.readouterr().err
     assert json.loads((out / "diversity.json").read_text()) == saved
     (out / "bench.json").write_text('{"mod')
     with pytest.raises(ValueError, match="bench.json is damaged"):
-        bench.run(bench_args(tiny_model, out))
+        experiments.cmd_bench(bench_args(tiny_model, out))
 
 
 def test_bench_with_nothing_to_run_is_refused(tiny_model, tmp_path, capsys):
@@ -585,4 +585,4 @@ def test_bench_with_nothing_to_run_is_refused(tiny_model, tmp_path, capsys):
                                             (["--prompt-seed", "-1"], "--prompt-seed must be from 0")])
 def test_bench_sizes_that_would_hang_or_not_fit_are_refused(tiny_model, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
-        bench.config_from_args(bench_args(tiny_model, tmp_path, *extra))
+        experiments.config_from_args(bench_args(tiny_model, tmp_path, *extra))

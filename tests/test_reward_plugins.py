@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import bench  # noqa: E402
+import experiments  # noqa: E402
 import flowscale  # noqa: E402
 from tiny import write_tiny_shape_model  # noqa: E402
 
@@ -170,8 +170,8 @@ def test_a_plugin_reward_runs_through_bench(tiny_model, plugin, tmp_path, capsys
 
 
 def test_torchrun_ranks_take_their_own_gpu():
-    assert bench.rank_device("cuda", 2, 1) == "cuda:1" and bench.rank_device("cuda", 4, 3) == "cuda:3"
-    assert bench.rank_device("cuda", 1, 0) == "cuda" and bench.rank_device("cpu", 2, 1) == "cpu"
-    assert bench.rank_device("cuda:1", 1, 0) == "cuda:1"  # one process: any GPU
+    assert experiments.rank_device("cuda", 2, 1) == "cuda:1" and experiments.rank_device("cuda", 4, 3) == "cuda:3"
+    assert experiments.rank_device("cuda", 1, 0) == "cuda" and experiments.rank_device("cpu", 2, 1) == "cpu"
+    assert experiments.rank_device("cuda:1", 1, 0) == "cuda:1"  # one process: any GPU
     with pytest.raises(ValueError, match="would put all 2 processes on one GPU"):
-        bench.rank_device("cuda:0", 2, 1)
+        experiments.rank_device("cuda:0", 2, 1)

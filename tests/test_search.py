@@ -606,15 +606,14 @@ def test_cli_rejects_bad_knobs_with_one_line_and_exit_code_2(argv, message, caps
 
 
 def test_bench_passes_the_knobs_to_rbf_only():
-    import bench
-    import flowscale
+    import experiments
 
-    args = flowscale.build_parser().parse_args(["bench", "--quick", "--methods", "bon,rbf", "--dynamics", "vp-sde,linear-ode",
-                                                "--allocation", "uniform", "--lookahead", "ode:3", "--nfe", "40,60"])
-    cfg = bench.config_from_args(args)
-    assert cfg.lookahead == "ode:3" and bench.knobs_of(cfg, "rbf") == {"allocation": "uniform"}
-    assert bench.knobs_of(cfg, "bon") == {}
-    units, notes = bench.plan(cfg)
+    args = experiments.build_parser().parse_args(["--quick", "--methods", "bon,rbf", "--dynamics", "vp-sde,linear-ode",
+                                                  "--allocation", "uniform", "--lookahead", "ode:3", "--nfe", "40,60"])
+    cfg = experiments.config_from_args(args)
+    assert cfg.lookahead == "ode:3" and experiments.knobs_of(cfg, "rbf") == {"allocation": "uniform"}
+    assert experiments.knobs_of(cfg, "bon") == {}
+    units, notes = experiments.plan(cfg)
     # with ode:3 an rbf candidate costs 3 NFE: the smallest budget is 2 * (1 + 9) * 3 = 60
     assert {(u.method, u.nfe) for u in units} == {("bon", 40), ("bon", 60), ("rbf", 60)}
     assert any("rbf vp-sde NFE 40: below its minimum budget of 60" in n for n in notes)

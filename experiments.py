@@ -1,5 +1,5 @@
 """
-bench: the paper's claims, reproduced in miniature on a CPU.
+experiments: the paper's claims, reproduced in miniature on a CPU (`python flowscale.py bench`).
 
 Kim, Yoon, Hwang, Sung 2025, "Inference-Time Scaling for Flow Models via Stochastic Generation and
 Rollover Budget Forcing", arXiv 2503.19385. The embedded mini-FLUX stands in for FLUX, the exact
@@ -17,7 +17,7 @@ shape-world rewards for VQAScore and GroundingDINO (rewards.py). The claims chec
     python flowscale.py bench --task counting|composition [--reward learned-counter] --methods ...
         --dynamics ... --nfe 50,100,200,500 --prompts N|FILE --seeds K [--quick] --out DIR
 
-(or `torchrun --nproc_per_node K flowscale.py bench ...`, or `python bench.py ...` directly)
+(or `torchrun --nproc_per_node K experiments.py ...`, or `python experiments.py ...` directly)
 writes DIR/results.csv (one row per prompt x method x dynamics x NFE x seed), DIR/results.md (the
 tables, laid out like the paper's Table 1 and Tables 4-5, mean +- standard error over prompts and
 seeds, and a verdict per claim) and the figures reward_vs_nfe.png, diversity.png,
@@ -38,7 +38,7 @@ How the work is cut, and why:
     is ever half-written. One run at a time per --out: DIR/bench.lock (flock) names the holder.
   * torchrun (RANK / WORLD_SIZE set): gloo process group, units dealt round-robin, and after every
     round of K units rank 0 gathers the rows (gather_object) and is the only writer.
-  * Deterministic given --seeds: chunk c of seed s runs generate(seed=SeedSequence([s, c])).
+  * Deterministic given --seeds: chunk c of seed s runs generate(seed=flowscale.chunk_seed(s, c)).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import flowscale as F
+import flowscale
 import rewards as R
 import search
 import sde
@@ -71,7 +71,7 @@ import toyworld
 # -----------------------------------------------------------------------------------------------
 # 1. Settings and the plan of units
 
-TASKS = {"counting": "counting", "composition": "composition"}  # task -> its given reward (Sec. 7.1-7.2)
+TASKS = ("counting", "composition")  # prompt kinds; each is also the name of its given reward (Sec. 7.1-7.2)
 PARTICLE_METHODS = ("smc", "code", "svdd", "rbf")  # claims 1-2
 LINEAR_ODE_ONLY = ("bon", "sop")  # run with the linear ODE only, as in the paper's Table 1
 COLUMNS = ["task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt",
@@ -81,11 +81,11 @@ COLUMNS = ["task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batc
 # position (prompt_id) belong to the key: a resume with another --batch or prompt order runs new rows
 # instead of mixing them with the old ones (the report reads only the rows of the current plan).
 KEY = ("task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt")
-LABEL = {"none": "base", "bon": "BoN", "sop": "SoP", "smc": "SMC", "code": "CoDe", "svdd": "SVDD", "rbf": "RBF",
+LABEL = {"none": "plain", "bon": "BoN", "sop": "SoP", "smc": "SMC", "code": "CoDe", "svdd": "SVDD", "rbf": "RBF",
          "dps": "DPS", "svdd+dps": "SVDD+DPS", "rbf+dps": "RBF+DPS"}
 ABBR = {"linear-ode": "L.O.", "linear-sde": "L.S.", "vp-sde": "V.S."}
 QUICK = {"prompts": "4", "seeds": 1, "nfe": "50,100", "diversity_samples": 8, "diversity_prompts": 2}
-LIMITS = {"seeds": 1000, "steps": 1000, "batch": 1024, "diversity-samples": 1000, "diversity-prompts": F.MAX_PROMPTS}
+LIMITS = {"seeds": 1000, "steps": 1000, "batch": 1024, "diversity-samples": 1000, "diversity-prompts": flowscale.MAX_PROMPTS}
 FULL = {"prompts": "16", "seeds": 1, "nfe": "50,100,200,500", "diversity_samples": 16, "diversity_prompts": 4}
 
 
@@ -93,8 +93,8 @@ FULL = {"prompts": "16", "seeds": 1, "nfe": "50,100,200,500", "diversity_samples
 class BenchConfig:
     task: str  # "counting" | "composition": prompt kind and default given reward
     reward: str  # given reward, a rewards.REWARD_NAMES name
-    methods: list[str]  # flowscale.METHODS names
-    dynamics: list[str]  # flowscale.DYNAMICS names
+    methods: list[str]  # search.METHODS names
+    dynamics: list[str]  # search.DYNAMICS names
     nfe: list[int]  # budgets per prompt ("none" always uses `steps`)
     prompts: list[str]  # the prompts, prompt_id = index
     seeds: int  # seeds 0 .. seeds - 1
@@ -142,11 +142,11 @@ def _split(text: str, name: str, known: tuple[str, ...]) -> list[str]:
 def load_prompts(spec: str, task: str, seed: int) -> list[str]:
     """--prompts: a number N (the first N held-out prompts of the task) or a file, one prompt a line."""
     if Path(spec).is_file():
-        return F.read_prompt_file(spec)
+        return flowscale.read_prompt_file(spec)
     if spec.isdigit() and int(spec) >= 1:
-        if not 0 <= seed <= F.MAX_SEED:
-            raise ValueError(f"--prompt-seed must be from 0 to {F.MAX_SEED}, got {seed}")
-        return F.heldout_prompts(task, int(spec), seed=seed)
+        if not 0 <= seed <= flowscale.MAX_SEED:
+            raise ValueError(f"--prompt-seed must be from 0 to {flowscale.MAX_SEED}, got {seed}")
+        return flowscale.heldout_prompts(task, int(spec), seed=seed)
     raise ValueError(f"--prompts takes a number >= 1 or an existing file, got {spec!r}")
 
 
@@ -155,7 +155,7 @@ def config_from_args(args) -> BenchConfig:
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
-    reward = args.reward or TASKS[args.task]
+    reward = args.reward or args.task
     plugin = ":" in reward and reward not in R.REWARD_NAMES
     if not plugin and reward not in R.REWARD_NAMES:
         raise ValueError(f"--reward must be one of {', '.join(R.REWARD_NAMES)}, or module:NAME / "
@@ -163,11 +163,11 @@ def config_from_args(args) -> BenchConfig:
     # every rank takes its own GPU under torchrun (--device cuda: rank r on cuda:LOCAL_RANK)
     device = rank_device(args.device, int(os.environ.get("WORLD_SIZE", "1")),
                          int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
-    placement = F.device_settings(argparse.Namespace(device=device, dtype=args.dtype, offload=args.offload,
+    placement = flowscale.device_settings(argparse.Namespace(device=device, dtype=args.dtype, offload=args.offload,
                                                      compile=args.compile))
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
-    reward_fn = F.load_reward_plugin(reward) if plugin else None  # imported before the model loads
+    reward_fn = flowscale.load_reward_plugin(reward) if plugin else None  # imported before the model loads
     differentiable = reward_fn.differentiable if plugin else reward == "learned-counter"
     default_methods = "none,dps,svdd+dps,rbf+dps" if differentiable else "none,bon,sop,smc,code,svdd,rbf"
     try:
@@ -182,13 +182,13 @@ def config_from_args(args) -> BenchConfig:
             raise ValueError(f"--{name} is too small: {value}")
         if value > LIMITS[name]:  # the plan (seeds) or the diversity batch (samples) would not fit
             raise ValueError(f"--{name} is too large: {value} (at most {LIMITS[name]})")
-    return BenchConfig(task=args.task, reward=reward, methods=_split(args.methods or default_methods, "methods", F.METHODS),
-                       dynamics=_split(args.dynamics, "dynamics", F.DYNAMICS), nfe=nfe,
+    return BenchConfig(task=args.task, reward=reward, methods=_split(args.methods or default_methods, "methods", search.METHODS),
+                       dynamics=_split(args.dynamics, "dynamics", search.DYNAMICS), nfe=nfe,
                        prompts=load_prompts(str(pick("prompts")), args.task, args.prompt_seed), seeds=pick("seeds"),
                        steps=args.steps, batch=args.batch, out=Path(args.out), model=args.model, height=args.height,
                        width=args.width, diversity_samples=pick("diversity_samples"),
                        diversity_prompts=pick("diversity_prompts"), diversity_step=max(1, round(0.3 * args.steps)),
-                       lookahead=args.lookahead, rbf_knobs=F.search_knobs(args), reward_fn=reward_fn,
+                       lookahead=args.lookahead, rbf_knobs=flowscale.search_knobs(args), reward_fn=reward_fn,
                        placement=placement, max_batch=args.max_batch)
 
 
@@ -233,8 +233,8 @@ def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
                           for c, ids in enumerate(chunks)]
     if "none" in cfg.methods:
         notes.append(f"none (the plain sampler) always runs with {cfg.steps} NFE = --steps, whatever --nfe says")
-    order = {m: i for i, m in enumerate(F.METHODS)}
-    units.sort(key=lambda u: (u.nfe, order[u.method], F.DYNAMICS.index(u.dynamics), u.seed, u.chunk))
+    order = {m: i for i, m in enumerate(search.METHODS)}
+    units.sort(key=lambda u: (u.nfe, order[u.method], search.DYNAMICS.index(u.dynamics), u.seed, u.chunk))
     return units, notes
 
 
@@ -266,7 +266,7 @@ def read_rows(path: Path) -> list[dict]:
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
         try:
-            F.write_atomic(path, text)
+            flowscale.write_atomic(path, text)
         except OSError as e:
             raise ValueError(f"could not drop the half-written last line of {path} ({e.strerror or e}); the file "
                              f"is unchanged: free some space and run again") from None
@@ -319,15 +319,10 @@ def _num(x: float) -> str:
     return repr(float(x))
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The generate seed of a chunk: distinct chunks get independent noises (positions repeat)."""
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
-
-
-def run_unit(pipe: F.Pipeline, cfg: BenchConfig, unit: Unit) -> UnitOutput:
+def run_unit(pipe: flowscale.Pipeline, cfg: BenchConfig, unit: Unit) -> UnitOutput:
     prompts = [cfg.prompts[i] for i in unit.prompt_ids]
-    gen = F.generate(pipe, prompts, method=unit.method, dynamics=unit.dynamics, nfe=unit.nfe, num_steps=cfg.steps,
-                     reward=cfg.reward_fn or cfg.reward, seed=chunk_seed(unit.seed, unit.chunk),
+    gen = flowscale.generate(pipe, prompts, method=unit.method, dynamics=unit.dynamics, nfe=unit.nfe, num_steps=cfg.steps,
+                     reward=cfg.reward_fn or cfg.reward, seed=flowscale.chunk_seed(unit.seed, unit.chunk),
                      lookahead=cfg.lookahead, max_batch=cfg.max_batch, **knobs_of(cfg, unit.method))
     rows = []
     for j, (key, i) in enumerate(zip(unit_keys(cfg, unit), unit.prompt_ids)):
@@ -407,7 +402,7 @@ def gather(d: Dist, obj) -> list:
     return out or []
 
 
-def execute(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], done: set, d: Dist) -> int:
+def execute(cfg: BenchConfig, pipe: flowscale.Pipeline, pending: list[Unit], done: set, d: Dist) -> int:
     """Run the pending units, K at a time (one per rank); rank 0 appends each round's rows."""
     bar = tqdm(total=sum(u.cost for u in pending), unit="NFE", desc="bench", dynamic_ncols=True,
                disable=d.rank != 0, file=sys.stderr)
@@ -418,7 +413,7 @@ def execute(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], done: set, 
     return ran
 
 
-def _execute_rounds(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], done: set, d: Dist, bar) -> int:
+def _execute_rounds(cfg: BenchConfig, pipe: flowscale.Pipeline, pending: list[Unit], done: set, d: Dist, bar) -> int:
     csv_path, ran = cfg.out / "results.csv", 0
     for lo in range(0, len(pending), d.world):
         mine = pending[lo + d.rank] if lo + d.rank < len(pending) else None
@@ -431,7 +426,7 @@ def _execute_rounds(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], don
                 continue
             if out.image is not None:  # the image first: a kill between the two leaves a row to redo
                 u = out.unit
-                F.save_png(out.image, image_path(cfg, u.method, u.dynamics, u.nfe, u.seed), scale=1)
+                flowscale.save_png(out.image, image_path(cfg, u.method, u.dynamics, u.nfe, u.seed), scale=1)
             new = [r for r in out.rows if row_key(r) not in done]
             if new:
                 append_rows(csv_path, new)
@@ -445,7 +440,7 @@ def _execute_rounds(cfg: BenchConfig, pipe: F.Pipeline, pending: list[Unit], don
 
 
 @torch.no_grad()
-def diversity(pipe: F.Pipeline, prompts: list[str], *, steps: int, branch_step: int, samples: int,
+def diversity(pipe: flowscale.Pipeline, prompts: list[str], *, steps: int, branch_step: int, samples: int,
               seed: int = 0) -> dict[str, list[float]]:
     """Mean pairwise L2 distance of `samples` decoded x0 branched from one x_t, per prompt and dynamics.
 
@@ -456,8 +451,8 @@ def diversity(pipe: F.Pipeline, prompts: list[str], *, steps: int, branch_step: 
     search's proposals do; at that index the VP path is at a much lower SNR (index 3 of 10: VP time
     0.954 is linear time 0.990), which is the paper's explanation of the diversity
     (Sec. 5), so the two x_t are not the same point: each is its own path's state at step i."""
-    cond = F.encode_prompts(pipe, prompts)
-    model_velocity = F.make_velocity(pipe, cond)
+    cond = flowscale.encode_prompts(pipe, prompts)
+    model_velocity = flowscale.make_velocity(pipe, cond)
     P, M = len(prompts), samples
     # the CPU draws the noise (the same on every device), the model's device runs the rest
     eps = torch.randn((P, *pipe.latent_shape), generator=torch.Generator().manual_seed(seed)).to(pipe.device)
@@ -491,7 +486,7 @@ def diversity(pipe: F.Pipeline, prompts: list[str], *, steps: int, branch_step: 
                 x0_hat = sde.x0_hat_from_velocity(u_t, x, problem.path(t))
             else:
                 x = sde.euler_maruyama_step(x, u_t, t, ts[i + 1], problem.path, problem.g, generator=noise)
-        images = F.decode(pipe, x0_hat).cpu().reshape(P, M, -1)  # (P, M, 3 H W)
+        images = flowscale.decode(pipe, x0_hat).cpu().reshape(P, M, -1)  # (P, M, 3 H W)
         result[dynamics] = [float(torch.pdist(images[p].double()).mean()) for p in range(P)]
     return result
 
@@ -510,7 +505,7 @@ def cached_diversity(cfg: BenchConfig, get_pipe) -> dict:
             print(f"bench: {path} is damaged ({type(e).__name__}: {e}); measuring the diversity again", file=sys.stderr)
     saved = {"settings": settings, "distances": diversity(get_pipe(), settings["prompts"], steps=cfg.steps,
                                                           branch_step=cfg.diversity_step, samples=cfg.diversity_samples)}
-    F.write_atomic(path, json.dumps(saved, indent=2) + "\n")
+    flowscale.write_atomic(path, json.dumps(saved, indent=2) + "\n")
     return saved
 
 
@@ -601,7 +596,7 @@ def table45(cfg: BenchConfig, s: dict) -> list[str]:
     """Like the paper's Tables 4-5: one line per method, dynamics and NFE."""
     lines = [f"| method | dynamics | NFE | {reward_label(cfg)} † | RSS ↓ | accuracy ↑ | composition ↑ | fidelity ↑ | "
              f"NFE used | s / prompt | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (m, d, n), v in sorted(s.items(), key=lambda kv: (F.METHODS.index(kv[0][0]), F.DYNAMICS.index(kv[0][1]), kv[0][2])):
+    for (m, d, n), v in sorted(s.items(), key=lambda kv: (search.METHODS.index(kv[0][0]), search.DYNAMICS.index(kv[0][1]), kv[0][2])):
         st = v.stats
         lines.append(f"| {LABEL[m]} | {d} | {n} | {st['given_reward']} | {st['rss']} | {st['accuracy']} | "
                      f"{st['composition']} | {st['fidelity']} | {st['nfe_used'].mean:.1f} | {st['seconds'].mean:.2f} | {st['given_reward'].n} |")
@@ -662,10 +657,10 @@ def _plt():
 
 def _save(fig, path: Path) -> None:
     """fig as a PNG at path, through a temporary file and a rename (never half-written)."""
-    tmp = F.temporary_path(path)
+    tmp = flowscale.temporary_path(path)
     try:
         fig.savefig(tmp, dpi=100, format="png")
-        F.finish(tmp, path)
+        flowscale.finish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
         _plt().close(fig)
@@ -676,14 +671,14 @@ def plot_reward_vs_nfe(cfg: BenchConfig, s: dict, path: Path) -> None:
     panels = [("given_reward", f"{reward_label(cfg)} † (given)"), ("accuracy", "counting accuracy (RSS = 0)"),
               ("composition", "composition score")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colours = {m: plt.cm.tab10(i) for i, m in enumerate(F.METHODS)}
+    colours = {m: plt.cm.tab10(i) for i, m in enumerate(search.METHODS)}
     styles = {"linear-ode": ":", "linear-sde": "--", "vp-sde": "-"}
     for ax, (metric, title) in zip(axes, panels):
         for m in cfg.methods:
             for d in cfg.dynamics:
                 pts = sorted((n, v.stats[metric]) for (m_, d_, n), v in s.items() if (m_, d_) == (m, d))
                 if m == "none" and pts:
-                    ax.axhline(pts[0][1].mean, color="grey", ls=styles[d], lw=1, label=f"base {ABBR[d]} ({cfg.steps} NFE)")
+                    ax.axhline(pts[0][1].mean, color="grey", ls=styles[d], lw=1, label=f"plain {ABBR[d]} ({cfg.steps} NFE)")
                 elif pts:
                     ax.errorbar([n for n, _ in pts], [v.mean for _, v in pts], yerr=[0 if math.isnan(v.se) else v.se for _, v in pts],
                                 color=colours[m], ls=styles[d], marker="o", ms=3, capsize=2, label=f"{LABEL[m]} {ABBR[d]}")
@@ -753,12 +748,12 @@ def plot_grid(cfg: BenchConfig, rows: list[dict], path: Path) -> None:
             else:
                 images[-1].append(torch.full((3, 8, 8), 0.85))
                 captions[-1].append("not run")
-    F.save_grid(cfg.dynamics, [LABEL[m] for m in cfg.methods], images, captions, path,
-                title=f"\"{cfg.prompts[0]}\" at {max(cfg.nfe)} NFE (base: {cfg.steps})")
+    flowscale.save_grid(cfg.dynamics, [LABEL[m] for m in cfg.methods], images, captions, path,
+                title=f"\"{cfg.prompts[0]}\" at {max(cfg.nfe)} NFE (plain: {cfg.steps})")
 
 
 def model_name(cfg: BenchConfig) -> str:
-    return str(Path(cfg.model).resolve() if cfg.model else F.DEFAULT_MODEL)
+    return str(Path(cfg.model).resolve() if cfg.model else flowscale.DEFAULT_MODEL)
 
 
 def write_report(cfg: BenchConfig, rows: list[dict], notes: list[str], div: dict) -> None:
@@ -774,7 +769,7 @@ def write_report(cfg: BenchConfig, rows: list[dict], notes: list[str], div: dict
           "Cells: mean ± standard error over prompts and seeds; † = the reward the search maximises; RSS, accuracy "
           "(RSS = 0) and composition come from the exact shape-world detector, held out unless they are the given "
           "reward. % = change vs the same method's Linear-ODE (L.O.); L.S. = Linear-SDE, V.S. = VP-SDE.", "",
-          f"## Table 1 layout: every method at {top} NFE (base = the plain sampler, {cfg.steps} NFE)", "",
+          f"## Table 1 layout: every method at {top} NFE (plain = the plain sampler, method none, {cfg.steps} NFE)", "",
           *table1(cfg, s, top, [m for m in cfg.methods if m not in PARTICLE_METHODS]), "",
           *table1(cfg, s, top, [m for m in cfg.methods if m in PARTICLE_METHODS]), "",
           "## Tables 4-5 layout: every budget", "", *table45(cfg, s), "",
@@ -795,7 +790,7 @@ def write_report(cfg: BenchConfig, rows: list[dict], notes: list[str], div: dict
            "## Figures", "", "![reward vs NFE](reward_vs_nfe.png)", "", "![diversity](diversity.png)", ""]
     md += ["![RBF NFE per step](rbf_nfe_per_step.png)", ""] if has_rbf else []
     md += ["![one prompt across methods](grid.png)", ""]
-    F.write_atomic(cfg.out / "results.md", "\n".join(md))
+    flowscale.write_atomic(cfg.out / "results.md", "\n".join(md))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -807,9 +802,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="counting", help="counting | composition: prompt kind and given reward")
     parser.add_argument("--reward", default=None, help="given reward: the task's, or learned-counter (claim 4), or "
                                                        "your own: module:NAME | path/to/file.py:NAME")
-    parser.add_argument("--methods", default=None, help="comma list of " + ", ".join(F.METHODS) +
+    parser.add_argument("--methods", default=None, help="comma list of " + ", ".join(search.METHODS) +
                         " [none,bon,sop,smc,code,svdd,rbf; learned-counter: none,dps,svdd+dps,rbf+dps]")
-    parser.add_argument("--dynamics", default=",".join(F.DYNAMICS), help="comma list of " + ", ".join(F.DYNAMICS))
+    parser.add_argument("--dynamics", default=",".join(search.DYNAMICS), help="comma list of " + ", ".join(search.DYNAMICS))
     parser.add_argument("--nfe", default=None, help="comma list of NFE budgets per prompt [50,100,200,500 / 50,100]")
     parser.add_argument("--prompts", default=None, help="N held-out prompts of the task, or a file [16 / 4]")
     parser.add_argument("--prompt-seed", type=int, default=0, help="which N held-out prompts")
@@ -823,8 +818,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=1024, help="image height (real FLUX.1 only)")
     parser.add_argument("--width", type=int, default=1024, help="image width (real FLUX.1 only)")
     parser.add_argument("--out", default="out/bench", help="output folder; an existing one is resumed")
-    F.add_search_arguments(parser)
-    F.add_device_arguments(parser)
+    flowscale.add_search_arguments(parser)
+    flowscale.add_device_arguments(parser)
 
 
 def lock(out: Path):
@@ -880,7 +875,7 @@ def pending_units(cfg: BenchConfig, units: list[Unit]) -> list[Unit]:
         raise ValueError(f"{cfg.out} holds results with {old}; use another --out for {settings}")
     (cfg.out / "images").mkdir(parents=True, exist_ok=True)
     if saved is None:
-        F.write_atomic(meta, json.dumps({"model": model_name(cfg), "settings": settings}) + "\n")
+        flowscale.write_atomic(meta, json.dumps({"model": model_name(cfg), "settings": settings}) + "\n")
     rows = {row_key(r): r for r in read_rows(cfg.out / "results.csv")}
     pending = []
     for u in units:
@@ -896,7 +891,7 @@ def pending_units(cfg: BenchConfig, units: list[Unit]) -> list[Unit]:
     return pending
 
 
-def run(args) -> None:
+def cmd_bench(args) -> None:
     """Plan, resume, run the pending units (sharded under torchrun), then rank 0 writes the report."""
     cfg = config_from_args(args)
     units, notes = plan(cfg)
@@ -939,11 +934,11 @@ def _run_locked(cfg: BenchConfig, d: Dist, units: list[Unit], pending: list[Unit
             device = cfg.placement["device"]
             if device.type == "cuda":  # this rank's GPU is also the default one (library kernels)
                 torch.cuda.set_device(device)
-            pipe = F.load_pipeline(cfg.model, height=cfg.height, width=cfg.width, **cfg.placement)
+            pipe = flowscale.load_pipeline(cfg.model, height=cfg.height, width=cfg.width, **cfg.placement)
             if cfg.reward_fn is None and device.type != "cpu":  # the learned counter runs beside the model
-                cfg.reward_fn = F.load_reward(cfg.reward, device=device)
+                cfg.reward_fn = flowscale.load_reward(cfg.reward, device=device)
             # every rank fails alike on a bad prompt, before any gather
-            F.check_prompts(pipe, F.normalise_prompts(pipe, cfg.prompts))
+            flowscale.check_prompts(pipe, flowscale.normalise_prompts(pipe, cfg.prompts))
         return pipe
 
     done = {row_key(r) for r in read_rows(cfg.out / "results.csv")} if d.rank == 0 else set()
@@ -961,17 +956,28 @@ def _run_locked(cfg: BenchConfig, d: Dist, units: list[Unit], pending: list[Unit
     print(f"bench: wrote {cfg.out / 'results.md'} ({len(rows)} rows)", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowscale.py bench", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python flowscale.py bench ...` and `python experiments.py ...`: exit code 2 with one line on bad
+    input, 130 on Ctrl-C."""
+    args = build_parser().parse_args(argv)
     try:
-        run(args)
+        cmd_bench(args)
     except ValueError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"flowscale bench: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"\nbench: interrupted; the rows written so far are kept in {args.out}/results.csv; run the same "
-              f"command again to resume", file=sys.stderr)
-        sys.exit(130)
+        print(f"\nflowscale bench: interrupted; the rows written so far are kept in {args.out}/results.csv; run the "
+              f"same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Tests of bench.py: outputs, resume, torchrun, and the claim-4 path.
+"""Tests of experiments.py (`flowscale.py bench`): outputs, resume, torchrun, and the claim-4 path.
 
 Everything runs on a tiny RANDOM model in the embedded layout (tiny.write_tiny_shape_model, built
 once per module): the tables' numbers mean nothing, the tests check structure, bookkeeping and
@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import bench  # noqa: E402
+import experiments  # noqa: E402
 import flowscale  # noqa: E402
 import rewards  # noqa: E402
 import toyworld  # noqa: E402
@@ -36,7 +36,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def args(*argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    experiments.add_arguments(parser)
     return parser.parse_args([str(a) for a in argv])
 
 
@@ -54,7 +54,7 @@ def without_time(rows: list[dict]) -> list[tuple]:
 @pytest.fixture(scope="module")
 def quick(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quick")
-    bench.run(args("--quick", "--model", tiny_model, "--out", out))
+    experiments.cmd_bench(args("--quick", "--model", tiny_model, "--out", out))
     return out
 
 
@@ -64,7 +64,7 @@ def quick(tiny_model, tmp_path_factory) -> Path:
 
 def test_quick_run_has_one_row_per_prompt_method_dynamics_nfe_seed(quick):
     columns, rows = read_csv(quick / "results.csv")
-    assert columns == bench.COLUMNS
+    assert columns == experiments.COLUMNS
     prompts = toyworld.heldout_prompts("counting", 4, seed=0)
     # --quick: 4 prompts, 1 seed, NFE 50 and 100; bon / sop only with the linear ODE; none at 10 NFE
     settings = [("none", d, 10) for d in DYNAMICS] + [(m, "linear-ode", n) for m in ("bon", "sop") for n in (50, 100)]
@@ -95,8 +95,8 @@ def test_quick_report_has_the_tables_and_the_figures(quick):
     for heading in ("## Table 1 layout", "## Tables 4-5 layout", "## Diversity from one x_t", "## RBF: NFE spent",
                     "## Claims", "## Skipped"):
         assert heading in md
-    assert md.count("| metric |") == 2  # Table 1 in two parts: base / BoN / SoP, then the particle methods
-    for label in ("base L.O.", "BoN L.O.", "SoP L.O.", "SMC V.S.", "CoDe L.S.", "SVDD V.S.", "RBF V.S."):
+    assert md.count("| metric |") == 2  # Table 1 in two parts: plain / BoN / SoP, then the particle methods
+    for label in ("plain L.O.", "BoN L.O.", "SoP L.O.", "SMC V.S.", "CoDe L.S.", "SVDD V.S.", "RBF V.S."):
         assert label in md
     assert "BoN L.S." not in md and "bon vp-sde: BoN and SoP are Linear-ODE methods" in md
     sections = {part.split("\n", 1)[0]: part for part in md.split("\n## ")}
@@ -130,7 +130,7 @@ def test_a_finished_run_adds_nothing(quick, tiny_model, monkeypatch):
 
     monkeypatch.setattr(flowscale, "generate", fail)
     monkeypatch.setattr(flowscale, "load_pipeline", fail)
-    bench.run(args("--quick", "--model", tiny_model, "--out", quick))
+    experiments.cmd_bench(args("--quick", "--model", tiny_model, "--out", quick))
     assert (quick / "results.csv").read_bytes() == before
 
 
@@ -149,7 +149,7 @@ def test_an_interrupted_run_is_completed(quick, tiny_model, tmp_path, monkeypatc
         return real(*a, **k)
 
     monkeypatch.setattr(flowscale, "generate", counted)
-    bench.run(args("--quick", "--model", tiny_model, "--out", out))
+    experiments.cmd_bench(args("--quick", "--model", tiny_model, "--out", out))
     units = {tuple(row[3:7]) for row in csv.reader(dropped)}  # (method, dynamics, nfe, seed): one chunk each
     assert len(calls) == len(units) >= 1
     text = (out / "results.csv").read_text()
@@ -165,7 +165,7 @@ def test_torchrun_with_two_processes_gives_the_rows_of_one(quick, tiny_model, tm
     out = tmp_path / "dist"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "bench.py"), "--quick", "--model", str(tiny_model), "--methods", "none,svdd,rbf",
+           str(ROOT / "experiments.py"), "--quick", "--model", str(tiny_model), "--methods", "none,svdd,rbf",
            "--dynamics", "linear-ode,vp-sde", "--nfe", "50", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -173,8 +173,8 @@ def test_torchrun_with_two_processes_gives_the_rows_of_one(quick, tiny_model, tm
     assert "rank 0/2 ran 3 units" in proc.stderr and "rank 1/2 ran 3 units" in proc.stderr, proc.stderr[-3000:]
     _, rows = read_csv(out / "results.csv")
     assert len(rows) == 6 * 4
-    keys = {bench.row_key(r) for r in rows}
-    same_in_one = [r for r in read_csv(quick / "results.csv")[1] if bench.row_key(r) in keys]
+    keys = {experiments.row_key(r) for r in rows}
+    same_in_one = [r for r in read_csv(quick / "results.csv")[1] if experiments.row_key(r) in keys]
     assert without_time(rows) == without_time(same_in_one)
     quick_div = json.loads((quick / "diversity.json").read_text())
     assert json.loads((out / "diversity.json").read_text()) == quick_div  # same settings, same numbers
@@ -190,7 +190,7 @@ def test_learned_counter_runs_the_guided_methods(tiny_model, tmp_path, monkeypat
     real = rewards.get_reward
     monkeypatch.setattr(rewards, "get_reward", lambda name, *a: counter if name == "learned-counter" else real(name, *a))
     out = tmp_path / "guided"
-    bench.run(args("--reward", "learned-counter", "--dynamics", "vp-sde", "--nfe", "30", "--prompts", "2",
+    experiments.cmd_bench(args("--reward", "learned-counter", "--dynamics", "vp-sde", "--nfe", "30", "--prompts", "2",
                    "--diversity-prompts", "1", "--diversity-samples", "2", "--model", tiny_model, "--out", out))
     _, rows = read_csv(out / "results.csv")
     assert sorted({r["method"] for r in rows}) == ["dps", "none", "rbf+dps", "svdd+dps"]
@@ -209,9 +209,9 @@ def test_learned_counter_runs_the_guided_methods(tiny_model, tmp_path, monkeypat
 
 
 def test_plan_skips_what_the_paper_does_not_run():
-    cfg = bench.config_from_args(args("--methods", "bon,sop,rbf,dps", "--dynamics", "linear-ode,vp-sde",
+    cfg = experiments.config_from_args(args("--methods", "bon,sop,rbf,dps", "--dynamics", "linear-ode,vp-sde",
                                       "--nfe", "10,30", "--prompts", "3", "--batch", "2", "--seeds", "2"))
-    units, notes = bench.plan(cfg)
+    units, notes = experiments.plan(cfg)
     # bon: L.O. only, needs 10 (n = 1 x 10 steps); sop: needs 42; rbf: needs 2 x (1 + 9) = 20; dps: not differentiable
     runs = sorted({(u.method, u.dynamics, u.nfe) for u in units})
     assert runs == [("bon", "linear-ode", 10), ("bon", "linear-ode", 30), ("rbf", "linear-ode", 30), ("rbf", "vp-sde", 30)]
@@ -236,37 +236,37 @@ def test_plan_skips_what_the_paper_does_not_run():
 ])
 def test_bad_arguments_are_value_errors(argv, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        bench.config_from_args(args(*argv))
+        experiments.config_from_args(args(*argv))
 
 
 def test_prompts_from_a_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("# counting\none red circle\n\ntwo blue squares\none red circle\n")
-    cfg = bench.config_from_args(args("--prompts", path))
+    cfg = experiments.config_from_args(args("--prompts", path))
     assert cfg.prompts == ["one red circle", "two blue squares"]
 
 
 def test_csv_rows_are_whole_and_a_half_line_is_dropped(tmp_path):
     path = tmp_path / "results.csv"
-    row = {c: str(i) for i, c in enumerate(bench.COLUMNS)} | {"prompt": "two red circles, one blue square"}
-    bench.append_rows(path, [row, row | {"seed": "1"}])
-    bench.append_rows(path, [row | {"seed": "2"}])
+    row = {c: str(i) for i, c in enumerate(experiments.COLUMNS)} | {"prompt": "two red circles, one blue square"}
+    experiments.append_rows(path, [row, row | {"seed": "1"}])
+    experiments.append_rows(path, [row | {"seed": "2"}])
     assert path.read_text().count("\n") == 4  # header + 3 rows, the comma in the prompt quoted
     with open(path, "a") as f:
         f.write("counting,counting,10,rbf")  # a killed process
-    rows = bench.read_rows(path)
+    rows = experiments.read_rows(path)
     assert [r["seed"] for r in rows] == [row["seed"], "1", "2"] and rows[0] == row
     assert path.read_text().endswith("\n") and path.read_text().count("\n") == 4
 
 
 def test_mean_and_standard_error():
-    s = bench.mean_se([1.0, 2.0, 3.0, 4.0, float("nan")])  # nan = a metric the model does not have: ignored
+    s = experiments.mean_se([1.0, 2.0, 3.0, 4.0, float("nan")])  # nan = a metric the model does not have: ignored
     assert (s.mean, s.n) == (2.5, 4)
     assert s.se == pytest.approx((5 / 3) ** 0.5 / 2)  # std with ddof 1 over sqrt(n)
-    assert bench.mean_se([7.0]).n == 1 and str(bench.mean_se([7.0])) == "7.000 ± –"
+    assert experiments.mean_se([7.0]).n == 1 and str(experiments.mean_se([7.0])) == "7.000 ± –"
 
 
 def test_chunk_seeds_are_distinct_and_fixed():
-    seeds = {bench.chunk_seed(s, c) for s in range(5) for c in range(20)}
+    seeds = {flowscale.chunk_seed(s, c) for s in range(5) for c in range(20)}
     assert len(seeds) == 100
-    assert bench.chunk_seed(3, 7) == bench.chunk_seed(3, 7)
+    assert flowscale.chunk_seed(3, 7) == flowscale.chunk_seed(3, 7)
