@@ -66,7 +66,6 @@ import flowscale
 import rewards as R
 import search
 import sde
-import toyworld
 
 # -----------------------------------------------------------------------------------------------
 # 1. Settings and the plan of units
@@ -733,7 +732,6 @@ def plot_rbf_steps(cfg: BenchConfig, s: dict, path: Path) -> bool:
 
 def plot_grid(cfg: BenchConfig, rows: list[dict], path: Path) -> None:
     """Prompt 0 under every method (columns) and dynamics (rows), largest budget, first seed."""
-    plt = _plt()
     reward_of = {(r["method"], r["dynamics"]): float(r["given_reward"]) for r in rows
                  if r["prompt"] == cfg.prompts[0] and r["prompt_id"] == "0" and r["seed"] == "0"
                  and int(r["nfe"]) == (cfg.steps if r["method"] == "none" else max(cfg.nfe))}

@@ -424,11 +424,11 @@ def test_kill_during_a_csv_row_resumes_to_the_clean_rows(clean, tiny_model, tmp_
             f.write(line[: len(line) // 2])  # half a row, then the process dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench, "append_rows", killed_on_the_third)
+    monkeypatch.setattr(experiments, "append_rows", killed_on_the_third)
     assert flowscale.main(["bench", *sys_argv(bench_args(tiny_model, out))]) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and "interrupted; the rows written so far are kept" in err.splitlines()[-1]
-    monkeypatch.setattr(bench, "append_rows", real)
+    monkeypatch.setattr(experiments, "append_rows", real)
     experiments.cmd_bench(bench_args(tiny_model, out))
     assert rows_of(out) == rows_of(clean) and images_ok(out, tiny_model)
 
@@ -516,7 +516,7 @@ def test_a_real_file_size_limit_during_the_repair(clean, tmp_path):
 
 def test_a_second_run_on_the_same_out_is_refused(clean, tiny_model, tmp_path):
     out = tmp_path / "out"
-    held = bench.lock(out)
+    held = experiments.lock(out)
     try:
         with pytest.raises(ValueError, match=f"in use by another bench run \\(pid {os.getpid()} on "):
             experiments.cmd_bench(bench_args(tiny_model, out))

@@ -33,7 +33,6 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 
 import flowscale

@@ -7,7 +7,6 @@ degradations are stated next to each case.
 """
 
 import hashlib
-import time
 
 import numpy as np
 import pytest
