@@ -51,7 +51,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
+
 import model as M
+
 import rewards as R
 import sde
 import search
@@ -174,10 +177,10 @@ def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: 
     if not meta_file.is_file() and (height % 16 or width % 16):
         raise ValueError(f"FLUX.1 needs height and width divisible by 16, got {height}x{width}")
     meta = read_meta(meta_file) if meta_file.is_file() else None  # checked before the weights are read
-    flux = M.load_flux(path, device=device, dtype=dtype)
-    t5 = M.load_t5(path, device=parked, dtype=dtype)
-    clip = M.load_clip_text(path, device=parked, dtype=dtype)
-    clip_tokenizer = M.load_clip_tokenizer(path)
+    flux = checkpoints.load_flux(path, device=device, dtype=dtype)
+    t5 = checkpoints.load_t5(path, device=parked, dtype=dtype)
+    clip = checkpoints.load_clip_text(path, device=parked, dtype=dtype)
+    clip_tokenizer = checkpoints.load_clip_tokenizer(path)
     if meta is not None:
         factor = meta["latent_factor"]
         latent = M.PixelLatent(factor)
@@ -185,15 +188,15 @@ def load_pipeline(path: str | Path | None = None, *, height: int = 1024, width: 
         if flux.params.in_channels != shape[0] * 4:  # FLUX packs 2x2 latent pixels into one token
             raise ValueError(f"{meta_file}: channels {meta['channels']} and latent_factor {factor} make "
                              f"{shape[0] * 4} token channels, but the transformer takes {flux.params.in_channels}")
-        t5_tokenizer = M.load_t5_tokenizer(path, max_length=meta["t5_max_length"])
+        t5_tokenizer = checkpoints.load_t5_tokenizer(path, max_length=meta["t5_max_length"])
         shape_world = meta.get("world") == "shapes"
         pipe = Pipeline(flux, t5, clip, t5_tokenizer, clip_tokenizer, latent, shape, shape_world=shape_world,
                         name=str(path), counter=R.load_counter() if shape_world else None)
     else:
-        latent = M.load_autoencoder(path, device=parked, dtype=dtype)
+        latent = checkpoints.load_autoencoder(path, device=parked, dtype=dtype)
         is_dev = flux.params.guidance_embed
         # BFL's sequence lengths: 256 T5 tokens for schnell, 512 for dev.
-        t5_tokenizer = M.load_t5_tokenizer(path, max_length=512 if is_dev else 256)
+        t5_tokenizer = checkpoints.load_t5_tokenizer(path, max_length=512 if is_dev else 256)
         # f = 8 for FLUX.1's autoencoder; read from its config so that other autoencoders get the right latent
         z, f = latent.params.z_channels, latent.params.downsample
         # BFL samples dev with get_schedule(num_steps, image_seq_len, shift=True) and schnell with
@@ -220,7 +223,7 @@ META_FIELDS = {"latent_factor": int, "height": int, "width": int, "channels": in
 def read_meta(meta_file: Path) -> dict:
     """flowscale.json of an embedded model (written by train.py), checked field by field: ValueError
     naming the file and the field."""
-    meta = M.read_json(meta_file)
+    meta = checkpoints.read_json(meta_file)
     for name, kind in META_FIELDS.items():
         value = meta.get(name)
         if not (isinstance(value, kind) and not isinstance(value, bool) and value >= 1):

@@ -41,11 +41,9 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -53,11 +51,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import toyworld
-from model import (CLIP, CLIPTokenizer, CLIPVision, CheckpointError, clip_preprocess, load_checkpoint_into,
-                   load_clip, load_clip_tokenizer, load_clip_vision, read_safetensors)
+from model import (CLIP, CLIPTokenizer, CLIPVision, clip_preprocess)
+from checkpoints import (CheckpointError, load_checkpoint_into, load_clip, load_clip_tokenizer, load_clip_vision, read_safetensors)
 
 DEFAULT_COUNTER = Path(__file__).resolve().parent / "weights" / "counter"
 
@@ -225,102 +222,21 @@ def learned_counter_accuracy(counter: LearnedCounter, images: torch.Tensor, prom
     return ((pred == target) | (mask == 0)).all(1).float()
 
 
-@dataclass
-class CounterTrainConfig:
-    steps: int = 4000          # optimizer steps (~0.2 s each at 48x48 on a busy 2-core machine)
-    minutes: float = 20.0      # wall-clock safety limit (stopping early skips the end of the schedule)
-    batch_size: int = 32       # rendered images per step
-    lr: float = 2e-3           # AdamW peak learning rate, cosine decay to lr/20
-    warmup: int = 100          # linear warm-up steps
-    # Beyond ~1.2 px of blur a 7.5 px circle and square look alike, and their labels become noise.
-    max_blur: float = 1.2      # augmentation: Gaussian blur std ~ U(0, max_blur) px, per quarter batch
-    max_noise: float = 0.15    # augmentation: additive N(0, s^2) noise, s ~ U(0, max_noise) per image
-    seed: int = 0              # seeds specs, renders, augmentation and the initialisation
-    threads: int = 1           # torch intra-op threads (small convolutions gain little from more)
-
-
-def degrade(images: torch.Tensor, blur: float, noise: float, generator: torch.Generator) -> torch.Tensor:
+def degrade(images: torch.Tensor, blur: float, noise: float | torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Blur by `blur` px, add N(0, noise^2) noise, clip to [0, 1]: what a blurry, noisy generated
-    image looks like to the detector (and the counter's training augmentation)."""
+    image looks like to the detector (and the counter's training augmentation, where `noise` is a
+    level per image, (B, 1, 1, 1))."""
     noisy = toyworld.gaussian_blur(images, blur) + noise * torch.randn(images.shape, generator=generator)
     return noisy.clamp(0, 1)
 
 
-def counter_batch(rng: np.random.Generator, n: int, size: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """n fresh renders of random specs of `split` and their count vectors (n, K) in CATEGORIES order."""
-    specs = [toyworld.sample_spec(rng, "any", split) for _ in range(n)]
-    counts = torch.tensor([[s.counts().get(cat, 0) for cat in toyworld.CATEGORIES] for s in specs],
-                          dtype=torch.float32)
-    return toyworld.render_batch(specs, rng, size), counts
-
-
-@torch.no_grad()
-def counter_accuracy(counter: LearnedCounter, n: int = 512, seed: int = 1, blur: float = 0.0,
-                     noise: float = 0.0, split: str = "heldout") -> float:
-    """Share of n fresh renders (specs of `split`) on which the rounded predicted counts of all
-    12 categories equal the true counts."""
-    rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
-    images, counts = counter_batch(rng, n, toyworld.IMAGE_SIZE, split)
-    pred = counter.counts(degrade(images, blur, noise, gen))
-    return float((pred.round() == counts).all(1).float().mean())
-
-
-def train_counter(out_folder: str | Path = DEFAULT_COUNTER, steps: int = CounterTrainConfig.steps, seed: int = 0,
-                  train: CounterTrainConfig | None = None) -> LearnedCounter:
-    """Train the LearnedCounter on fresh training-split renders with blur/noise augmentation, and
-    save model.safetensors + config.json (with its measured accuracy) in `out_folder`."""
-    cfg = train or CounterTrainConfig(steps=steps, seed=seed)
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    counter = LearnedCounter(CounterConfig())
-    opt = torch.optim.AdamW(counter.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    start, losses = time.time(), []
-    for step in range(cfg.steps):
-        images, counts = counter_batch(rng, cfg.batch_size, toyworld.IMAGE_SIZE, "train")
-        # Four blur levels per batch (one conv each), a noise level per image.
-        quarters = images.chunk(4)
-        images = torch.cat([toyworld.gaussian_blur(q, float(rng.uniform(0, cfg.max_blur))) for q in quarters])
-        noise = torch.rand(len(images), 1, 1, 1, generator=gen) * cfg.max_noise
-        images = (images + noise * torch.randn(images.shape, generator=gen)).clamp(0, 1)
-        loss = F.mse_loss(counter.counts(images), counts)
-        warm = min(1.0, (step + 1) / cfg.warmup)
-        progress = step / max(1, cfg.steps - 1)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * warm * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 100 == 0:
-            print(f"step {step:5d}  loss {np.mean(losses[-100:]):.4f}  {time.time() - start:6.1f} s")
-        if (time.time() - start) / 60 > cfg.minutes:
-            print(f"time limit of {cfg.minutes} min reached at step {step + 1}")
-            break
-    counter.eval()
-    metrics = {"steps_done": len(losses), "minutes": round((time.time() - start) / 60, 2),
-               "final_loss": float(np.mean(losses[-100:])),
-               "accuracy_heldout_clean": counter_accuracy(counter),
-               "accuracy_heldout_blur1_noise0.1": counter_accuracy(counter, blur=1.0, noise=0.1)}
-    print(metrics)
-    out = Path(out_folder)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in counter.state_dict().items()},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(
-        {"model": asdict(counter.config), "train": asdict(cfg), "metrics": metrics}, indent=2) + "\n")
-    return counter
-
-
 def load_counter(folder: str | Path = DEFAULT_COUNTER) -> LearnedCounter:
-    """Load a LearnedCounter saved by train_counter; strict: the config keys, the category list
+    """Load a LearnedCounter saved by train.train_counter; strict: the config keys, the category list
     and every tensor name and shape must match."""
     folder = Path(folder)
     path = folder / "config.json"
     if not path.is_file():
-        raise CheckpointError(f"no counter config at {path}; train one with `python rewards.py`")
+        raise CheckpointError(f"no counter config at {path}; train one with `python train.py --counter`")
     saved = json.loads(path.read_text())["model"]
     known = {f.name for f in fields(CounterConfig)}
     if set(saved) != known:
@@ -551,13 +467,3 @@ def load_clip_score(clip: str | Path | None, *, device: str = "cpu", dtype: torc
     model = load_clip(clip, device=device, dtype=dtype)
     tokenizer = load_clip_tokenizer(clip, max_length=model.text.cfg.max_position_embeddings)
     return CLIPScore(model, tokenizer, scale).requires_grad_(False).eval()
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Train the learned shape counter (weights/counter).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default=str(DEFAULT_COUNTER))
-    parser.add_argument("--steps", type=int, default=CounterTrainConfig.steps)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    train_counter(args.out, args.steps, args.seed)

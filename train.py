@@ -54,21 +54,29 @@ same loaders as the real release, plus flowscale.json with what the pipeline nee
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import io
 import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
+import sentencepiece
+import tokenizers
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+import checkpoints
 import model as M
+import rewards as R
 import toyworld
 
 # -----------------------------------------------------------------------------------------------
@@ -119,21 +127,23 @@ MINI_FLUX = M.FluxParams(
     guidance_embed=False,               # schnell-style: no guidance embedding (neither model uses CFG)
 )
 
-MINI_T5 = M.T5Config(
-    vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+# The text encoders' sizes: M.T5Config / M.CLIPTextConfig without vocab_size, which the tokenizers
+# trained on the corpus fix (train(): the number of pieces / tokens they learnt).
+MINI_T5 = dict(
+    d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
     relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
 )
 
-MINI_CLIP = M.CLIPTextConfig(
-    vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+MINI_CLIP = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, max_position_embeddings=77, layer_norm_eps=1e-5,
 )
 
 # For tests of the training loop (`tiny=True`): same code path, a few seconds per stage.
 TINY_FLUX = replace(MINI_FLUX, hidden_size=32, num_heads=2, depth=1, depth_single_blocks=1,
                     axes_dim=[4, 6, 6], vec_in_dim=16, context_in_dim=16)
-TINY_T5 = replace(MINI_T5, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-TINY_CLIP = replace(MINI_CLIP, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+TINY_T5 = MINI_T5 | dict(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+TINY_CLIP = MINI_CLIP | dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -160,12 +170,13 @@ class MiniFluxModel(torch.nn.Module):
         return M.unpack(out, H, W)                             # (B, C, H, W)
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to `peak`, then cosine decay to peak / 10 at `steps`."""
+def lr_at(step: int, steps: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up to `peak`, then cosine decay to floor * peak at `steps` (every stage here:
+    the two flow stages with floor 0.1, the learned counter with 0.05)."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -252,19 +263,117 @@ class Stage:
 
 
 # -----------------------------------------------------------------------------------------------
+# Tokenizers: small vocabularies in the release file formats (FLUX.1's tokenizer/ and tokenizer_2/)
+
+
+def train_clip_bpe(corpus: list[str], vocab_size: int, folder: str | Path) -> Path:
+    """Learn a CLIP-format BPE vocabulary of at most vocab_size tokens on `corpus`; write it to `folder`.
+
+    Files: vocab.json, merges.txt ("#version: 0.2" + one merge per line), tokenizer_config.json and
+    special_tokens_map.json, as in FLUX.1's tokenizer/, so `checkpoints.load_clip_tokenizer` and transformers'
+    CLIPTokenizer read it. Vocabulary order as CLIP's: the 256 byte characters, their `</w>`
+    forms, one token per merge in merge order, <|startoftext|>, <|endoftext|> (the largest id, which
+    the argmax pooling of `CLIPText` relies on). To leave room for merges in a small vocabulary,
+    only characters occurring in the corpus get a `</w>` form (CLIP has all 256); a word ending in
+    another character encodes that piece as the unknown token <|endoftext|>. The merges are
+    learned by the `tokenizers` BPE trainer on the corpus, cleaned and split exactly as at
+    tokenization. The vocabulary is smaller than vocab_size when the corpus runs out of pairs.
+    """
+    byte_chars = list(M.clip_byte_alphabet().values())
+    backend = M.clip_pipeline(tokenizers.Tokenizer(tokenizers.models.BPE(end_of_word_suffix="</w>")))
+    seen = {c for text in corpus for word, _ in backend.pre_tokenizer.pre_tokenize_str(
+        backend.normalizer.normalize_str(text)) for c in word}
+    vocab = {token: i for i, token in enumerate(byte_chars + [c + "</w>" for c in byte_chars if c in seen])}
+    if vocab_size < len(vocab) + 2:
+        raise ValueError(f"vocab_size {vocab_size} is too small: this corpus needs {len(vocab)} byte tokens + 2 "
+                         f"specials before any merge (256 bytes + {len(vocab) - 256} word-end forms)")
+    # The trainer's size counts its own alphabet (at most 256 bytes + 256 word-end forms) too, so
+    # 512 + vocab_size lets it learn at least as many merges as can be kept; BPE is greedy, so the
+    # first k merges of a longer run are the merges of a run stopped at k.
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=512 + vocab_size, show_progress=False,
+                                             initial_alphabet=byte_chars, end_of_word_suffix="</w>")
+    backend.train_from_iterator(corpus, trainer)
+    learned = json.loads(backend.to_str())["model"]["merges"]  # in learning order = application rank
+    merges = []
+    for pair in learned:
+        if len(vocab) == vocab_size - 2:
+            break
+        left, right = pair.split(" ") if isinstance(pair, str) else pair
+        assert left in vocab and right in vocab, f"merge {pair} uses a token outside the vocabulary"
+        merges.append(f"{left} {right}")
+        vocab.setdefault(left + right, len(vocab))
+    vocab[M.CLIP_BOS], vocab[M.CLIP_EOS] = len(vocab), len(vocab) + 1
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    specials = {"bos_token": M.CLIP_BOS, "eos_token": M.CLIP_EOS, "pad_token": M.CLIP_EOS, "unk_token": M.CLIP_EOS}
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+              "add_prefix_space": False, "errors": "replace", **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return folder
+
+
+def train_t5_sentencepiece(corpus: list[str], vocab_size: int, folder: str | Path) -> Path:
+    """Learn a T5-layout SentencePiece unigram model of about vocab_size pieces; write folder/spiece.model.
+
+    Ids as T5's: <pad> 0, </s> 1, <unk> 2, no <s>. Same normaliser as T5 (nmt_nfkc) and every
+    corpus character kept (character_coverage=1.0), so every corpus word encodes without <unk>.
+    vocab_size is a soft limit (hard_vocab_limit=False): a small corpus may support fewer pieces,
+    and the model then has fewer (`checkpoints.load_t5_tokenizer(...).vocab_size` tells). Also writes
+    tokenizer_config.json / special_tokens_map.json (with no sentinel <extra_id_*> tokens), so
+    transformers' T5Tokenizer reads the folder. Meant for small corpora (it seeds, see below).
+    """
+    if vocab_size < 4:
+        raise ValueError(f"vocab_size must exceed the 3 special pieces, got {vocab_size}")
+    # The unigram trainer starts from a large seed vocabulary and prunes it by EM (Kudo 2018,
+    # Sec. 3.2). SentencePiece's own seeds are the repeats found by a suffix array that can be
+    # extended in more than one way; in a small synthetic corpus every word is always followed by a
+    # space, so whole words are never proposed and the model falls back to letters (measured on
+    # the shape-world prompts: up to 50 pieces per prompt of at most 17 words). So we seed with every
+    # substring of "▁word" up to 16 characters (SentencePiece's longest piece), weighted by frequency.
+    word_counts = collections.Counter(w for text in corpus for w in text.split())
+    seeds = collections.Counter()
+    for word, n in word_counts.items():
+        word = "\u2581" + word
+        for i in range(len(word)):
+            for j in range(i + 2, min(len(word), i + 16) + 1):
+                seeds[word[i:j]] += n
+    model = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp:
+        seed_file = Path(tmp) / "seeds.tsv"
+        seed_file.write_text("".join(f"{piece}\t{n}\n" for piece, n in seeds.most_common()), encoding="utf-8")
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+            pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, character_coverage=1.0,
+            seed_sentencepieces_file=str(seed_file), num_threads=1, minloglevel=2)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 0,
+              "additional_special_tokens": [], **specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    return folder
+
+
+# -----------------------------------------------------------------------------------------------
 # Training
 
 
-def tokenizers(cfg: TrainConfig, work: Path):
+def train_tokenizers(cfg: TrainConfig, work: Path):
     """CLIP BPE and T5 SentencePiece tokenizers trained on the training prompts (the real FLUX
     ships CLIP's and T5's), written once into `work` and read back from there."""
     if not (work / "tokenizer_2" / "spiece.model").is_file():
         corpus = toyworld.train_prompts()
-        M.train_clip_bpe(corpus, cfg.clip_vocab, work / "tokenizer.tmp")
-        M.train_t5_sentencepiece(corpus, cfg.t5_vocab, work / "tokenizer_2.tmp")
+        train_clip_bpe(corpus, cfg.clip_vocab, work / "tokenizer.tmp")
+        train_t5_sentencepiece(corpus, cfg.t5_vocab, work / "tokenizer_2.tmp")
         for name in ("tokenizer", "tokenizer_2"):
             replace_folder(work / f"{name}.tmp", work / name)
-    return M.load_clip_tokenizer(work), M.load_t5_tokenizer(work, max_length=cfg.t5_max_length)
+    return checkpoints.load_clip_tokenizer(work), checkpoints.load_t5_tokenizer(work, max_length=cfg.t5_max_length)
 
 
 @torch.no_grad()
@@ -306,9 +415,9 @@ def save_model(stage: Stage, cfg: TrainConfig, work: Path, final: Path, variant:
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir(parents=True)
-    M.save_flux(copy.deepcopy(stage.ema.flux).to(torch.bfloat16), staged / "transformer")
-    M.save_t5(stage.ema.t5, staged / "text_encoder_2")
-    M.save_clip_text(stage.ema.clip, staged / "text_encoder")
+    checkpoints.save_flux(copy.deepcopy(stage.ema.flux).to(torch.bfloat16), staged / "transformer")
+    checkpoints.save_t5(stage.ema.t5, staged / "text_encoder_2")
+    checkpoints.save_clip_text(stage.ema.clip, staged / "text_encoder")
     for name in ("tokenizer", "tokenizer_2"):
         shutil.copytree(work / name, staged / name)
     meta = {
@@ -337,12 +446,13 @@ def train(cfg: TrainConfig) -> tuple[Path, Path]:
                          f"remove it or pass --work <new folder>")
     config_file.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
-    clip_tok, t5_tok = tokenizers(cfg, work)
+    clip_tok, t5_tok = train_tokenizers(cfg, work)
     flux_p, t5_p, clip_p = (TINY_FLUX, TINY_T5, TINY_CLIP) if cfg.tiny else (MINI_FLUX, MINI_T5, MINI_CLIP)
     channels = 3 * cfg.latent_factor ** 2
     flux_p = replace(flux_p, in_channels=4 * channels, out_channels=4 * channels)
     # The vocabularies the trainers produced fix the embedding sizes.
-    t5_p, clip_p = replace(t5_p, vocab_size=t5_tok.vocab_size), replace(clip_p, vocab_size=clip_tok.vocab_size)
+    t5_p = M.T5Config(vocab_size=t5_tok.vocab_size, **t5_p)
+    clip_p = M.CLIPTextConfig(vocab_size=clip_tok.vocab_size, **clip_p)
     latent = M.PixelLatent(cfg.latent_factor)
     shape = (channels, cfg.image_size // cfg.latent_factor, cfg.image_size // cfg.latent_factor)
 
@@ -464,6 +574,90 @@ def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int
     return meta["eval"]
 
 
+# -----------------------------------------------------------------------------------------------
+# The learned counter (weights/counter): the differentiable reward of the DPS methods and a second,
+# held-out counter beside the exact detector (rewards.LearnedCounter)
+
+
+@dataclass
+class CounterTrainConfig:
+    steps: int = 4000          # optimizer steps (~0.2 s each at 48x48 on a busy 2-core machine)
+    minutes: float = 20.0      # wall-clock safety limit (stopping early skips the end of the schedule)
+    batch_size: int = 32       # rendered images per step
+    lr: float = 2e-3           # AdamW peak learning rate, cosine decay to lr/20 (lr_at, floor 0.05)
+    warmup: int = 100          # linear warm-up steps
+    # Beyond ~1.2 px of blur a 7.5 px circle and square look alike, and their labels become noise.
+    max_blur: float = 1.2      # augmentation: Gaussian blur std ~ U(0, max_blur) px, per quarter batch
+    max_noise: float = 0.15    # augmentation: additive N(0, s^2) noise, s ~ U(0, max_noise) per image
+    seed: int = 0              # seeds specs, renders, augmentation and the initialisation
+    threads: int = 1           # torch intra-op threads (small convolutions gain little from more)
+
+
+def counter_batch(rng: np.random.Generator, n: int, size: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """n fresh renders of random specs of `split` and their count vectors (n, K) in CATEGORIES order."""
+    specs = [toyworld.sample_spec(rng, "any", split) for _ in range(n)]
+    counts = torch.tensor([[s.counts().get(cat, 0) for cat in toyworld.CATEGORIES] for s in specs],
+                          dtype=torch.float32)
+    return toyworld.render_batch(specs, rng, size), counts
+
+
+@torch.no_grad()
+def counter_accuracy(counter: R.LearnedCounter, n: int = 512, seed: int = 1, blur: float = 0.0,
+                     noise: float = 0.0, split: str = "heldout") -> float:
+    """Share of n fresh renders (specs of `split`) on which the rounded predicted counts of all
+    12 categories equal the true counts."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    images, counts = counter_batch(rng, n, toyworld.IMAGE_SIZE, split)
+    pred = counter.counts(R.degrade(images, blur, noise, gen))
+    return float((pred.round() == counts).all(1).float().mean())
+
+
+def train_counter(cfg: CounterTrainConfig, out_folder: str | Path = R.DEFAULT_COUNTER) -> R.LearnedCounter:
+    """Train the LearnedCounter on fresh training-split renders with blur/noise augmentation, and
+    save model.safetensors + config.json (with its measured accuracy) in `out_folder`
+    (`python train.py --counter`)."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    counter = R.LearnedCounter(R.CounterConfig())
+    opt = torch.optim.AdamW(counter.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    start, losses = time.time(), []
+    for step in range(cfg.steps):
+        images, counts = counter_batch(rng, cfg.batch_size, toyworld.IMAGE_SIZE, "train")
+        # Four blur levels per batch (one conv each), then a noise level per image.
+        quarters = images.chunk(4)
+        images = torch.cat([toyworld.gaussian_blur(q, float(rng.uniform(0, cfg.max_blur))) for q in quarters])
+        noise = torch.rand(len(images), 1, 1, 1, generator=gen) * cfg.max_noise  # (B, 1, 1, 1)
+        images = R.degrade(images, 0.0, noise, gen)
+        loss = F.mse_loss(counter.counts(images), counts)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, floor=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            print(f"step {step:5d}  loss {np.mean(losses[-100:]):.4f}  {time.time() - start:6.1f} s")
+        if (time.time() - start) / 60 > cfg.minutes:
+            print(f"time limit of {cfg.minutes} min reached at step {step + 1}")
+            break
+    counter.eval()
+    metrics = {"steps_done": len(losses), "minutes": round((time.time() - start) / 60, 2),
+               "final_loss": float(np.mean(losses[-100:])),
+               "accuracy_heldout_clean": counter_accuracy(counter),
+               "accuracy_heldout_blur1_noise0.1": counter_accuracy(counter, blur=1.0, noise=0.1)}
+    print(metrics)
+    out = Path(out_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in counter.state_dict().items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(
+        {"model": asdict(counter.config), "train": asdict(cfg), "metrics": metrics}, indent=2) + "\n")
+    return counter
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -478,10 +672,19 @@ def main():
     parser.add_argument("--eval-prompts", type=int, default=200, help="hard held-out prompts per task in the evaluation")
     parser.add_argument("--eval-bon-nfe", type=int, default=500,
                         help="budget of the best-of-N row of the evaluation (0: skip it; it costs most of the time)")
+    parser.add_argument("--counter", action="store_true",
+                        help="train the learned counter instead (into --counter-out, seeded by --seed), nothing else")
+    parser.add_argument("--counter-out", default=str(R.DEFAULT_COUNTER), help="the learned counter's folder")
+    parser.add_argument("--counter-steps", type=int, default=CounterTrainConfig.steps,
+                        help="optimizer steps of the learned counter")
     args = vars(parser.parse_args())
     eval_only, no_eval, eval_prompts = args.pop("eval_only"), args.pop("no_eval"), args.pop("eval_prompts")
     bon_nfe = args.pop("eval_bon_nfe")
+    counter, counter_out, counter_steps = args.pop("counter"), args.pop("counter_out"), args.pop("counter_steps")
     cfg = TrainConfig(**args)
+    if counter:
+        train_counter(CounterTrainConfig(steps=counter_steps, seed=cfg.seed), counter_out)
+        return
     folders = (Path(cfg.out_dev), Path(cfg.out_schnell)) if eval_only else train(cfg)
     if not no_eval:
         for folder in folders:

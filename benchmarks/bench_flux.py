@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import checkpoints  # noqa: E402
 import model  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def speed(args) -> None:
                                     pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=axes).eval()
     with tempfile.TemporaryDirectory() as folder:
         theirs.save_pretrained(folder)
-        ours = model.load_flux(folder)
+        ours = checkpoints.load_flux(folder)
 
     g = torch.Generator().manual_seed(0)
     B, H, W, L_txt = 1, 64, 64, 64
@@ -131,7 +132,7 @@ def write_checkpoints(folder: Path, megabytes: int) -> tuple[Path, Path]:
     bfl_file = folder / "flux1-bench.safetensors"
     save_file(net.state_dict(), str(bfl_file))
     (folder / "config.json").write_text(json.dumps({"axes_dim": [16, 56, 56]}))
-    model.save_flux(net, folder / "transformer")
+    checkpoints.save_flux(net, folder / "transformer")
     return bfl_file, folder / "transformer"
 
 
@@ -147,7 +148,7 @@ def load_in_child(path: str, dtype: str) -> None:
         f.write("5")
     baseline, anon0 = status_mb("VmHWM"), status_mb("RssAnon")
     start = time.perf_counter()
-    net = model.load_flux(path, dtype=getattr(torch, dtype) if dtype else None)
+    net = checkpoints.load_flux(path, dtype=getattr(torch, dtype) if dtype else None)
     seconds = time.perf_counter() - start
     after_load, anon_load = status_mb("VmHWM"), status_mb("RssAnon")
     with torch.no_grad():

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (AE_CONFIGS, AutoEncoder, AutoEncoderParams, CheckpointError, ae_diffusers_table,
-                   ae_from_diffusers, load_autoencoder, save_autoencoder)
+from model import (AE_CONFIGS, AutoEncoder, AutoEncoderParams)
+from checkpoints import (CheckpointError, ae_diffusers_table, ae_from_diffusers, load_autoencoder, save_autoencoder)
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (CLIP, CLIP_IMAGE_STD, CLIP_VISION_CONFIGS, CheckpointError, CLIPVision, CLIPVisionConfig,
-                   clip_from_transformers, clip_preprocess, load_clip, load_clip_vision)
+from model import (CLIP, CLIP_IMAGE_STD, CLIP_VISION_CONFIGS, CLIPVision, CLIPVisionConfig, clip_preprocess)
+from checkpoints import (CheckpointError, clip_from_transformers, load_clip, load_clip_vision)
 from tiny import randomise_vectors, max_diff
 
 transformers = pytest.importorskip("transformers")

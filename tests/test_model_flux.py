@@ -14,9 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoints
+
 import model
-from model import (FLUX_CONFIGS, CheckpointError, Flux, FluxParams, flux_from_diffusers, image_ids, load_flux,
-                   pack, save_flux, text_ids, timestep_embedding, unpack)
+from model import (FLUX_CONFIGS, Flux, FluxParams, image_ids, pack, text_ids, timestep_embedding, unpack)
+from checkpoints import (CheckpointError, flux_from_diffusers, load_flux, save_flux)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -69,7 +71,7 @@ def saved_reference(request, tmp_path_factory):
 
 def write_bfl_file(diffusers_folder: Path, path: Path, prefix: str = "") -> FluxParams:
     """Convert a diffusers folder to a BFL single file with our table (as BFL would ship it)."""
-    params = model._flux_params_from_diffusers_config(json.loads((diffusers_folder / "config.json").read_text()),
+    params = checkpoints._flux_params_from_diffusers_config(json.loads((diffusers_folder / "config.json").read_text()),
                                                       diffusers_folder)
     state = flux_from_diffusers(load_file(diffusers_folder / "diffusion_pytorch_model.safetensors"), params)
     save_file({prefix + k: v.contiguous() for k, v in state.items()}, path)

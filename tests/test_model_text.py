@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import (CLIP_CONFIGS, CLIP_EOS, T5_CONFIGS, CheckpointError, CLIPText, CLIPTextConfig, T5Config,
-                   T5Encoder, clip_byte_alphabet, load_clip_text, load_clip_tokenizer, load_t5, load_t5_tokenizer,
-                   relative_position_bucket, save_clip_text, save_t5, train_clip_bpe, train_t5_sentencepiece)
+from model import (CLIP_CONFIGS, CLIP_EOS, T5_CONFIGS, CLIPText, CLIPTextConfig, T5Config, T5Encoder, clip_byte_alphabet, relative_position_bucket)
+from checkpoints import (CheckpointError, load_clip_text, load_clip_tokenizer, load_t5, load_t5_tokenizer, save_clip_text, save_t5)
+from train import (train_clip_bpe, train_t5_sentencepiece)
 from tiny import randomise_vectors, max_diff
 
 transformers = pytest.importorskip("transformers")

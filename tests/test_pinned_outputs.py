@@ -171,8 +171,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # as tests/conftest.py
     pins = {"mixture": {case[0]: mixture_outputs(case[0]) for case in MIXTURE_CASES}}
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = tiny_pipeline(Path(tmp))
-        pins["flux"] = {f"{m} {d}": flux_outputs(pipe, m, d) for m in METHODS for d in DYNAMICS}
+        flux_pipe = tiny_pipeline(Path(tmp))
+        pins["flux"] = {f"{m} {d}": flux_outputs(flux_pipe, m, d) for m in METHODS for d in DYNAMICS}
     PINS.parent.mkdir(exist_ok=True)
     PINS.write_text(json.dumps(pins, indent=1) + "\n")
     print(f"wrote {PINS}")

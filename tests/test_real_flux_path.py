@@ -36,7 +36,9 @@ import torch
 from safetensors.torch import save_file
 
 import flowscale
+import checkpoints
 import model as M
+import train
 import rewards as R
 import search
 from tiny import CORPUS, Repo, randomise_vectors, write_repo
@@ -69,10 +71,10 @@ def reward_files(tmp_path_factory) -> tuple[Path, Path]:
     BPE tokenizer beside it, and a random head of the public shape (input = its projection width)."""
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("clip-vit")
-    M.train_clip_bpe(CORPUS, 400, folder)
+    train.train_clip_bpe(CORPUS, 400, folder)
     torch.manual_seed(0)
     # eos_token_id=2: OpenAI's legacy value, with which transformers pools at argmax(ids) as CLIPText does
-    text = dict(vocab_size=M.load_clip_tokenizer(folder).vocab_size, hidden_size=24, intermediate_size=40,
+    text = dict(vocab_size=checkpoints.load_clip_tokenizer(folder).vocab_size, hidden_size=24, intermediate_size=40,
                 num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16, eos_token_id=2, bos_token_id=0)
     vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=32,
                   patch_size=8)

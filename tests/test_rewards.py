@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import rewards as R
+import train
 import toyworld as T
-from model import CheckpointError
+from checkpoints import CheckpointError
 from toyworld import Group, Relation, Spec
 
 
@@ -128,7 +129,7 @@ def test_counter_files_are_small_and_load_strictly(counter, tmp_path):
 @pytest.mark.parametrize("blur, noise", sorted(COUNTER_ACCURACY))
 def test_counter_accuracy_on_fresh_heldout_renders(counter, blur, noise):
     # seed 7: specs and renders the counter never saw (it trained on seed 0, train split only).
-    accuracy = R.counter_accuracy(counter, n=N_ACCURACY, seed=7, blur=blur, noise=noise)
+    accuracy = train.counter_accuracy(counter, n=N_ACCURACY, seed=7, blur=blur, noise=noise)
     stated = COUNTER_ACCURACY[(blur, noise)]
     # A binomial share over n images has std sqrt(p (1 - p) / n); allow 3 std below the stated p.
     tolerance = 3 * np.sqrt(stated * (1 - stated) / N_ACCURACY)

@@ -20,7 +20,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
+import checkpoints
+
 import model as M
+
+import train
 import rewards as R
 import search
 from tiny import randomise_vectors, max_diff
@@ -63,8 +67,8 @@ def public_head(input_size: int, seed: int) -> PublicAestheticMLP:
 def clip_folder(tmp_path_factory):
     """A tiny random CLIPModel folder with its tokenizer; returns (transformers model, folder)."""
     folder = tmp_path_factory.mktemp("clip")
-    M.train_clip_bpe(CORPUS, 600, folder)
-    vocab = M.load_clip_tokenizer(folder).vocab_size
+    train.train_clip_bpe(CORPUS, 600, folder)
+    vocab = checkpoints.load_clip_tokenizer(folder).vocab_size
     torch.manual_seed(0)
     # eos_token_id=2: OpenAI's legacy value, transformers then pools at argmax(ids) as CLIPText does
     text = dict(vocab_size=vocab, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
@@ -126,12 +130,12 @@ def test_aesthetic_head_loading_is_strict(tmp_path):
     for name, (bad, message) in cases.items():
         path = tmp_path / f"{name}.pth"
         torch.save(bad, path)
-        with pytest.raises(M.CheckpointError, match=message):
+        with pytest.raises(checkpoints.CheckpointError, match=message):
             R.load_aesthetic_head(path)
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(M.CheckpointError, match="not a readable"):
+    with pytest.raises(checkpoints.CheckpointError, match="not a readable"):
         R.load_aesthetic_head(tmp_path / "garbage.pth")
-    with pytest.raises(M.CheckpointError, match="not found"):
+    with pytest.raises(checkpoints.CheckpointError, match="not found"):
         R.load_aesthetic_head(tmp_path / "nowhere.pth")
 
 

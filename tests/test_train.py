@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flowscale
-import model as M
+import checkpoints
 import toyworld
 import train
 
@@ -30,7 +30,7 @@ def clean_run(tmp_path_factory):
 
 
 def weights(folder):
-    return M.read_safetensors(next((folder / "transformer").glob("*.safetensors")))
+    return checkpoints.read_safetensors(next((folder / "transformer").glob("*.safetensors")))
 
 
 def test_both_stages_write_loadable_models(clean_run):

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,23 +30,23 @@ def write_tiny_shape_model(folder: Path) -> Path:
 
     Its final layer's bias is 4, so every decoded image is almost black: the exact detector then
     costs ~0.2 ms per image instead of ~60 ms on a random model's noise images."""
+    import checkpoints
     import model as M
     import toyworld
     import train
 
     corpus = toyworld.train_prompts()
-    M.train_clip_bpe(corpus, 400, folder / "tokenizer")
-    M.train_t5_sentencepiece(corpus, 64, folder / "tokenizer_2")
-    clip_vocab = M.load_clip_tokenizer(folder).vocab_size
-    t5_vocab = M.load_t5_tokenizer(folder, max_length=24).vocab_size
+    train.train_clip_bpe(corpus, 400, folder / "tokenizer")
+    train.train_t5_sentencepiece(corpus, 64, folder / "tokenizer_2")
+    clip_vocab = checkpoints.load_clip_tokenizer(folder).vocab_size
+    t5_vocab = checkpoints.load_t5_tokenizer(folder, max_length=24).vocab_size
     torch.manual_seed(0)
     flux = M.Flux(train.TINY_FLUX)  # in_channels 108: 48x48 RGB, PixelLatent(3), as the embedded models
     torch.nn.init.constant_(flux.final_layer.linear.bias, 4.0)  # near-black images (see above)
-    M.save_flux(flux, folder / "transformer")
-    M.save_t5(M.T5Encoder(replace(train.MINI_T5, vocab_size=t5_vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                  num_heads=2)), folder / "text_encoder_2")
-    M.save_clip_text(M.CLIPText(replace(train.MINI_CLIP, vocab_size=clip_vocab, hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2)), folder / "text_encoder")
+    checkpoints.save_flux(flux, folder / "transformer")
+    checkpoints.save_t5(M.T5Encoder(M.T5Config(vocab_size=t5_vocab, **train.TINY_T5)), folder / "text_encoder_2")
+    checkpoints.save_clip_text(M.CLIPText(M.CLIPTextConfig(vocab_size=clip_vocab, **train.TINY_CLIP)),
+                               folder / "text_encoder")
     meta = {"pixel_space": True, "latent_factor": 3, "height": 48, "width": 48, "channels": 3, "t5_max_length": 24,
             "world": "shapes"}
     (folder / "flowscale.json").write_text(json.dumps(meta))
@@ -83,13 +82,15 @@ class Repo:
 def write_repo(folder: Path, variant: str, seed: int, f8: bool | None = None) -> Repo:
     """A random FLUX.1-{schnell,dev}-like repository in the release layout (tests/test_real_flux_path.py).
     The autoencoder is 8x (as FLUX.1's) for schnell and 2x for dev, unless f8 says otherwise."""
+    import checkpoints
     import model as M
+    import train
 
     dev = variant == "dev"
-    M.train_clip_bpe(CORPUS, 400, folder / "tokenizer")
-    M.train_t5_sentencepiece(CORPUS, 48, folder / "tokenizer_2")
-    clip_vocab = M.load_clip_tokenizer(folder).vocab_size
-    t5_vocab = M.load_t5_tokenizer(folder).vocab_size
+    train.train_clip_bpe(CORPUS, 400, folder / "tokenizer")
+    train.train_t5_sentencepiece(CORPUS, 48, folder / "tokenizer_2")
+    clip_vocab = checkpoints.load_clip_tokenizer(folder).vocab_size
+    t5_vocab = checkpoints.load_t5_tokenizer(folder).vocab_size
     torch.manual_seed(seed)
     # T5's embedding has more rows than the tokenizer has pieces (the release: 32128 vs 32000)
     t5 = M.T5Encoder(dataclasses.replace(M.T5_CONFIGS["tiny"], vocab_size=t5_vocab + 28)).eval()
@@ -102,10 +103,10 @@ def write_repo(folder: Path, variant: str, seed: int, f8: bool | None = None) ->
                                qkv_bias=True, guidance_embed=dev)).eval()
     for i, module in enumerate((t5, clip, ae, flux)):
         randomise_vectors(module, seed + i)
-    M.save_t5(t5, folder / "text_encoder_2")
-    M.save_clip_text(clip, folder / "text_encoder")
-    M.save_autoencoder(ae, folder / "vae")
-    M.save_flux(flux, folder / "transformer")
+    checkpoints.save_t5(t5, folder / "text_encoder_2")
+    checkpoints.save_clip_text(clip, folder / "text_encoder")
+    checkpoints.save_autoencoder(ae, folder / "vae")
+    checkpoints.save_flux(flux, folder / "transformer")
     index = {"_class_name": "FluxPipeline", "_diffusers_version": "0.42.1",
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
              "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "T5EncoderModel"],
