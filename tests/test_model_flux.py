@@ -322,14 +322,3 @@ def test_pack_rejects_odd_sizes():
         pack(torch.zeros(1, 4, 5, 6))
     with pytest.raises(ValueError, match="unpack expects"):
         unpack(torch.zeros(1, 6, 16), 4, 4)
-
-
-# ---- notebook ------------------------------------------------------------------------------------
-
-def test_notebook_runs():
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    path = Path(__file__).parent.parent / "notebooks" / "03_flux_from_scratch.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
