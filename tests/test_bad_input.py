@@ -502,7 +502,7 @@ def test_a_real_file_size_limit_during_the_repair(clean, tmp_path):
     damaged = (clean / "results.csv").read_text()[:-40]
     path.write_text(damaged)
     proc = run_driver(f"""
-        import resource, signal, bench
+        import resource, signal, experiments
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, ({len(damaged) // 2}, resource.RLIM_INFINITY))
         try:

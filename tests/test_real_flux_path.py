@@ -279,7 +279,7 @@ def test_height_not_divisible_by_16_fails_before_loading(repos, reward_files, ca
     def no_loading(*args, **kwargs):
         raise AssertionError("the transformer was loaded before the image size was checked")
 
-    monkeypatch.setattr(M, "load_flux", no_loading)
+    monkeypatch.setattr(checkpoints, "load_flux", no_loading)
     folder = repos["schnell"].folder
     H, W = SIZE["schnell"]
     err = cli_error(capsys, folder, "--reward", "clip-score", "--clip", str(clip), "--height", str(H + 8))
