@@ -327,7 +327,7 @@ def test_pack_rejects_odd_sizes():
 def test_notebook_runs():
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    path = Path(__file__).parent.parent / "notebooks" / "03_flux_from_scratch.ipynb"
+    path = Path(__file__).parent.parent / "notebooks" / "A1_flux_from_scratch.ipynb"
     notebook = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(path.parent)}}).execute()
