@@ -91,9 +91,9 @@ class TrainConfig:
     image_size: int = toyworld.IMAGE_SIZE   # pixels per side; PixelLatent(3) + 2x2 packing -> (size/6)^2 tokens
     latent_factor: int = 3              # PixelLatent block size
     teacher_steps: int = 2800           # optimizer steps of stage 1 (rectified flow)
-    pairs: int = 12288                  # (noise, teacher sample) pairs for reflow (more prompts -> the student keeps counting)
-    pair_steps: int = 10                # Euler steps of the teacher ODE that makes a pair (= the plain sampler's 10)
-    student_steps: int = 1500           # optimizer steps of stage 2 (reflow)
+    pairs: int = 6144                   # (noise, teacher sample) pairs for reflow
+    pair_steps: int = 20                # Euler steps of the teacher ODE that makes a pair
+    student_steps: int = 1200           # optimizer steps of stage 2 (reflow)
     batch_size: int = 64                # images per step
     lr: float = 1e-3                    # AdamW peak learning rate, teacher
     student_lr: float = 2e-4            # AdamW peak learning rate, student (fine-tuning the teacher)
