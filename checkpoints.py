@@ -433,6 +433,15 @@ def _flux_params_from_shapes(state: dict[str, torch.Tensor], source: Path,
         raise CheckpointError(f"{source}: inferred an invalid Flux config: {e}") from None
 
 
+def _named_config(config, table: dict, what: str):
+    """A config given by name is looked up in `table` (ValueError naming the known ones); others pass."""
+    if isinstance(config, str):
+        if config not in table:
+            raise ValueError(f"unknown {what} config {config!r}; known: {sorted(table)}")
+        return table[config]
+    return config
+
+
 def load_flux(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
               config: FluxParams | str | None = None) -> Flux:
     """Load a Flux transformer from any of the FLUX.1 release layouts.
@@ -450,10 +459,7 @@ def load_flux(path: str | Path, *, device: str | torch.device = "cpu", dtype: to
     `dtype` if given, moved to `device`).
     """
     path = Path(path)
-    if isinstance(config, str):
-        if config not in FLUX_CONFIGS:
-            raise ValueError(f"unknown Flux config {config!r}; known: {sorted(FLUX_CONFIGS)}")
-        config = FLUX_CONFIGS[config]
+    config = _named_config(config, FLUX_CONFIGS, "Flux")
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer").is_dir() else path
         singles = sorted(path.glob("flux1-*.safetensors"))
@@ -909,10 +915,7 @@ def load_autoencoder(path: str | Path, *, device: str | torch.device = "cpu", dt
     `dtype` if given, moved to `device`).
     """
     path = Path(path)
-    if isinstance(config, str):
-        if config not in AE_CONFIGS:
-            raise ValueError(f"unknown autoencoder config {config!r}; known: {sorted(AE_CONFIGS)}")
-        config = AE_CONFIGS[config]
+    config = _named_config(config, AE_CONFIGS, "autoencoder")
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path
         single = path / "ae.safetensors"
