@@ -1,8 +1,9 @@
 """train.py on a tiny config: both stages run, a killed run resumes to the same weights as an
 uninterrupted one, and a kill never touches the shipped model folders."""
 
+import json
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -82,3 +83,16 @@ def test_a_work_folder_of_another_configuration_is_refused(clean_run):
     _, cfg = clean_run
     with pytest.raises(ValueError, match="another configuration"):
         train.train(replace(cfg, teacher_steps=13))
+
+
+STAGE_2_FIELDS = {"pairs", "pair_steps", "student_steps", "student_lr", "student_t1"}
+
+
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_the_default_config_is_the_recipe_of_the_shipped_weights(variant):
+    """A fresh `python train.py` trains what weights/ ships: TrainConfig's defaults equal the run
+    recorded in each folder's flowscale.json (dev: the fields of stage 1, which alone make the teacher)."""
+    recorded = json.loads((flowscale.DEFAULT_MODEL.parent / f"mini-flux-{variant}" / "flowscale.json").read_text())["train"]
+    defaults = asdict(train.TrainConfig())
+    keys = [k for k in defaults if variant == "schnell" or k not in STAGE_2_FIELDS]
+    assert {k: recorded[k] for k in keys} == {k: defaults[k] for k in keys}
