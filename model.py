@@ -441,25 +441,8 @@ class Flux(nn.Module):
         guidance (B,)                 distilled guidance scale (e.g. 3.5) if params.guidance_embed, else None
         Returns the velocity (B, L_img, out_channels).
         """
-        p = self.params
-        if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError(f"img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}")
-        B, L_img, _ = img.shape
-        L_txt = txt.shape[1]
-        _check_shape("img", img, (B, L_img, p.in_channels))
-        _check_shape("txt", txt, (B, L_txt, p.context_in_dim))
-        _check_shape("img_ids", img_ids, (None, L_img, 3))
-        _check_shape("txt_ids", txt_ids, (None, L_txt, 3))
-        if len(img_ids) not in (1, B) or len(txt_ids) not in (1, B):
-            raise ValueError(f"img_ids and txt_ids need batch size {B} or 1, got {len(img_ids)} and {len(txt_ids)}")
-        _check_shape("timesteps", timesteps, (B,))
-        _check_shape("y", y, (B, p.vec_in_dim))
-        if p.guidance_embed and guidance is None:
-            raise ValueError("this model embeds distilled guidance (like flux-dev): pass guidance, shape (B,)")
-        if not p.guidance_embed and guidance is not None:
-            raise ValueError("this model has no guidance embedder (like flux-schnell): pass guidance=None")
-        if guidance is not None:
-            _check_shape("guidance", guidance, (B,))
+        self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        p, L_txt = self.params, txt.shape[1]
 
         dtype = self.img_in.weight.dtype
         img = self.img_in(img)  # (B, L_img, D)
@@ -482,6 +465,28 @@ class Flux(nn.Module):
         for block in self.single_blocks:
             x = block(x, vec, rot)
         return self.final_layer(x[:, L_txt:], vec)  # (B, L_img, out_channels)
+
+    def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance) -> None:
+        """ValueError, naming the input, unless every input has the shape `forward` documents."""
+        p = self.params
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be (B, L, C), got {tuple(img.shape)} and {tuple(txt.shape)}")
+        B, L_img, _ = img.shape
+        L_txt = txt.shape[1]
+        _check_shape("img", img, (B, L_img, p.in_channels))
+        _check_shape("txt", txt, (B, L_txt, p.context_in_dim))
+        _check_shape("img_ids", img_ids, (None, L_img, 3))
+        _check_shape("txt_ids", txt_ids, (None, L_txt, 3))
+        if len(img_ids) not in (1, B) or len(txt_ids) not in (1, B):
+            raise ValueError(f"img_ids and txt_ids need batch size {B} or 1, got {len(img_ids)} and {len(txt_ids)}")
+        _check_shape("timesteps", timesteps, (B,))
+        _check_shape("y", y, (B, p.vec_in_dim))
+        if p.guidance_embed and guidance is None:
+            raise ValueError("this model embeds distilled guidance (like flux-dev): pass guidance, shape (B,)")
+        if not p.guidance_embed and guidance is not None:
+            raise ValueError("this model has no guidance embedder (like flux-schnell): pass guidance=None")
+        if guidance is not None:
+            _check_shape("guidance", guidance, (B,))
 
 
 def _check_shape(name: str, x: torch.Tensor, shape: tuple[int | None, ...]) -> None:
