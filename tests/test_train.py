@@ -1,5 +1,6 @@
 """train.py on a tiny config: both stages run, a killed run resumes to the same weights as an
-uninterrupted one, and a kill never touches the shipped model folders."""
+uninterrupted one, and a kill never touches the shipped model folders; and the default config is
+the recipe recorded with the shipped weights."""
 
 import json
 import shutil
