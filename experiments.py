@@ -138,14 +138,16 @@ def _split(text: str, name: str, known: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def load_prompts(spec: str, task: str, seed: int) -> list[str]:
-    """--prompts: a number N (the first N held-out prompts of the task) or a file, one prompt a line."""
+def load_prompts(spec: str, task: str, seed: int, split: str = "heldout") -> list[str]:
+    """--prompts: a number N (the first N prompts of the task's held-out `split`) or a file, one prompt a line."""
     if Path(spec).is_file():
         return flowscale.read_prompt_file(spec)
     if spec.isdigit() and int(spec) >= 1:
         if not 0 <= seed <= flowscale.MAX_SEED:
             raise ValueError(f"--prompt-seed must be from 0 to {flowscale.MAX_SEED}, got {seed}")
-        return flowscale.heldout_prompts(task, int(spec), seed=seed)
+        if split not in ("heldout", "hard"):
+            raise ValueError(f"--split must be heldout or hard, got {split!r}")
+        return flowscale.heldout_prompts(task, int(spec), seed=seed, split=split)
     raise ValueError(f"--prompts takes a number >= 1 or an existing file, got {spec!r}")
 
 
@@ -183,7 +185,7 @@ def config_from_args(args) -> BenchConfig:
             raise ValueError(f"--{name} is too large: {value} (at most {LIMITS[name]})")
     return BenchConfig(task=args.task, reward=reward, methods=_split(args.methods or default_methods, "methods", search.METHODS),
                        dynamics=_split(args.dynamics, "dynamics", search.DYNAMICS), nfe=nfe,
-                       prompts=load_prompts(str(pick("prompts")), args.task, args.prompt_seed), seeds=pick("seeds"),
+                       prompts=load_prompts(str(pick("prompts")), args.task, args.prompt_seed, args.split), seeds=pick("seeds"),
                        steps=args.steps, batch=args.batch, out=Path(args.out), model=args.model, height=args.height,
                        width=args.width, diversity_samples=pick("diversity_samples"),
                        diversity_prompts=pick("diversity_prompts"), diversity_step=max(1, round(0.3 * args.steps)),
@@ -806,6 +808,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nfe", default=None, help="comma list of NFE budgets per prompt [50,100,200,500 / 50,100]")
     parser.add_argument("--prompts", default=None, help="N held-out prompts of the task, or a file [16 / 4]")
     parser.add_argument("--prompt-seed", type=int, default=0, help="which N held-out prompts")
+    parser.add_argument("--split", default="heldout", help="heldout | hard: the split --prompts N draws from "
+                                                           "(hard: >= 3 groups or >= 7 objects)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..K-1 per prompt [1 / 1]")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps")
     parser.add_argument("--batch", type=int, default=16, help="prompts per generate call (fixed chunks)")

@@ -31,6 +31,16 @@ folder in the Hugging Face layout.
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # Run as a script: hand over to the module `flowscale`, so that the file is defined once. Otherwise
+    # experiments.py's `import flowscale` (the bench command) would load a second copy next to
+    # __main__, with its own Pipeline, Generation, ... classes.
+    import sys
+
+    import flowscale
+
+    sys.exit(flowscale.main())
+
 import argparse
 import contextlib
 import hashlib
@@ -1051,6 +1061,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

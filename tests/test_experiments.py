@@ -233,10 +233,19 @@ def test_plan_skips_what_the_paper_does_not_run():
     (["--task", "aesthetic"], "--task must be one of"),
     (["--reward", "vqascore"], "--reward must be one of"),
     (["--seeds", "0"], "--seeds is too small"),
+    (["--split", "train"], "--split must be heldout or hard"),
 ])
 def test_bad_arguments_are_value_errors(argv, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         experiments.config_from_args(args(*argv))
+
+
+def test_the_hard_split_is_selectable():
+    hard = experiments.config_from_args(args("--prompts", "8", "--split", "hard")).prompts
+    assert hard == toyworld.heldout_prompts("counting", 8, split="hard")
+    assert all(toyworld.is_hard(toyworld.parse_prompt(p)) for p in hard)
+    heldout = experiments.config_from_args(args("--prompts", "64")).prompts  # the default: every held-out prompt
+    assert not all(toyworld.is_hard(toyworld.parse_prompt(p)) for p in heldout)
 
 
 def test_prompts_from_a_file(tmp_path):

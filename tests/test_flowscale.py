@@ -6,6 +6,7 @@ prove that the embedded model is a genuine FLUX.1-format checkpoint (diffusers r
 """
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,22 @@ def test_cli_generate_writes_image_and_json(tmp_path):
     assert record["prompt"] == PROMPT and record["method"] == "bon" and record["nfe_used"] <= 20
     assert set(record["heldout"]) == {"rss", "accuracy", "composition", "fidelity", "counter_accuracy"}
     assert (out / "image.png").stat().st_size > 0
+
+
+def test_the_script_defines_its_classes_once(capsys):
+    """`python flowscale.py bench` runs experiments.py, which imports the module `flowscale`. Run as a
+    script, flowscale.py hands over to that module before defining anything, so that one Pipeline class
+    exists, not one in __main__ and another in flowscale."""
+    script = ROOT / "flowscale.py"
+    namespace = {"__name__": "__main__", "__file__": str(script)}
+    argv, sys.argv = sys.argv, [str(script), "bench", "--help"]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            exec(compile(script.read_text(), str(script), "exec"), namespace)
+    finally:
+        sys.argv = argv
+    assert exit_info.value.code == 0 and "--allocation" in capsys.readouterr().out  # bench's own --help ran
+    assert "Pipeline" not in namespace and "main" not in namespace
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,0 +1,195 @@
+"""Beyond the paper, on the embedded models: how RBF spends its budget (allocation) and how it scores a
+particle (lookahead), at equal NFE and at equal wall-clock.
+
+    python benchmarks/beyond_the_paper.py                    # run (resumable) and report
+    python benchmarks/beyond_the_paper.py --report-only      # the report from the rows already written
+
+Every run is a `python flowscale.py bench` run of RBF on the VP-SDE (the paper's headline setting,
+10 steps, exp grid, g = 3t^2, N = 2 chains) with the counting task's given reward -RSS, on the first
+PROMPTS prompts of the hard held-out split x SEEDS seeds, on both embedded models. The plan below is
+fixed before the run, not chosen by its results:
+
+    rollover    Alg. 2 (the default); on schnell at 100, 300 and 500 NFE, the reward-vs-cost curve
+    uniform     a fixed quota per step (the ablation)
+    threshold   advance when a candidate's reward reaches 0 (every count right: the top of -RSS);
+                a chain that passes it at the last stage stops spending
+    ode:3       rollover, each candidate scored on the end point of 3 Euler steps of the model's
+                ODE instead of Tweedie's x0_hat (3 NFE per candidate)
+
+at the budgets of BUDGETS (all four at 500 NFE on both models).
+
+Comparisons are paired over (prompt, seed): the same prompt and seed under two settings, mean
+difference +- its standard error. Verdict rule, fixed in advance: "better" / "worse" when the paired
+mean differs from 0 by more than 2 standard errors, else "no difference detected". Held-out metrics
+beside the given reward: the exact accuracy (the same detector as -RSS: not independent), the
+learned counter's accuracy (a CNN, independent of the detector) and the fidelity to a clean
+re-render. Wall seconds are per prompt (a call's time over its 16 prompts).
+
+Output: out/beyond/<model>/<setting>/ (the bench folders, resumable), then docs/results/beyond.md
+(the tables) and docs/results/beyond.png (reward and accuracy vs NFE and vs wall seconds).
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import experiments  # noqa: E402
+
+MODELS = {"schnell": "weights/mini-flux-schnell", "dev": "weights/mini-flux-dev"}
+SETTINGS = {  # name -> bench options
+    "rollover": [],
+    "uniform": ["--allocation", "uniform"],
+    "threshold": ["--allocation", "threshold", "--threshold", "0"],
+    "ode:3": ["--lookahead", "ode:3"],
+}
+# model -> setting -> NFE budgets: the full plan on the default (schnell), the main contrasts at 500 NFE
+# on dev (about 55 and 35 minutes on 2 cores at ~95 NFE/s; the reward is scored on every candidate)
+BUDGETS = {"schnell": {"rollover": "100,300,500", "uniform": "500", "threshold": "100,500", "ode:3": "500"},
+           "dev": {"rollover": "100,500", "threshold": "500", "ode:3": "500"}}
+PROMPTS, SEEDS = 64, 2
+HELD_OUT = ("accuracy", "counter_accuracy", "fidelity")
+# (label, setting a, setting b, NFE): b - a, paired
+PAIRS = [("uniform - rollover", "rollover", "uniform", 500), ("threshold - rollover", "rollover", "threshold", 100),
+         ("threshold - rollover", "rollover", "threshold", 500), ("ode:3 - tweedie", "rollover", "ode:3", 500)]
+
+
+def bench_args(model: str, setting: str, out: Path) -> list[str]:
+    extra, nfe = SETTINGS[setting], BUDGETS[model][setting]
+    return ["--task", "counting", "--split", "hard", "--prompts", str(PROMPTS), "--seeds", str(SEEDS),
+            "--methods", "rbf", "--dynamics", "vp-sde", "--nfe", nfe, "--batch", "16", "--model", MODELS[model],
+            "--diversity-prompts", "1", "--diversity-samples", "2", "--out", str(out), *extra]
+
+
+def load(out: Path) -> dict[tuple[str, int], dict[tuple[int, int], dict]]:
+    """setting rows by (setting, NFE) -> {(prompt_id, seed): row with float metrics}"""
+    table = {}
+    for setting in SETTINGS:
+        for row in experiments.read_rows(out / setting.replace(":", "") / "results.csv"):
+            values = {m: float(row[m]) for m in ("given_reward", "seconds", "nfe_used", *HELD_OUT)}
+            table.setdefault((setting, int(row["nfe"])), {})[(int(row["prompt_id"]), int(row["seed"]))] = values
+    return table
+
+
+def mean_se(v: np.ndarray) -> tuple[float, float]:
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
+
+
+def verdict(mean: float, se: float) -> str:
+    if not math.isfinite(se) or abs(mean) <= 2 * se:
+        return "no difference detected"
+    return "better" if mean > 0 else "worse"
+
+
+def paired(a: dict, b: dict, metric: str) -> tuple[float, float, int]:
+    keys = sorted(set(a) & set(b))
+    d = np.array([b[k][metric] - a[k][metric] for k in keys])
+    return (*mean_se(d), len(keys)) if keys else (math.nan, math.nan, 0)
+
+
+def report(root: Path) -> str:
+    lines = ["# Beyond the paper on the embedded models: RBF's allocation and lookahead", "",
+             f"Written by `python benchmarks/beyond_the_paper.py` (its docstring has the plan). RBF on the VP-SDE, "
+             f"10 steps, N = 2 chains, given reward -RSS, the first {PROMPTS} hard held-out counting prompts x "
+             f"{SEEDS} seeds. Mean +- standard error over (prompt, seed).", ""]
+    for model in MODELS:
+        table = load(root / model)
+        if not table:
+            continue
+        lines += [f"## {model}", "", "| setting | NFE | -RSS (given) | accuracy (exact) | learned-counter acc. | "
+                  "fidelity | NFE used | s / prompt | n |", "|---|---|---|---|---|---|---|---|---|"]
+        for (setting, nfe), rows in sorted(table.items(), key=lambda kv: (list(SETTINGS).index(kv[0][0]), kv[0][1])):
+            cells = []
+            for metric in ("given_reward", *HELD_OUT, "nfe_used", "seconds"):
+                m, se = mean_se(np.array([r[metric] for r in rows.values()]))
+                cells.append(f"{m:.3f} +- {se:.3f}" if metric not in ("nfe_used", "seconds") else f"{m:.{1 if metric == 'nfe_used' else 2}f}")
+            lines.append(f"| {setting} | {nfe} | " + " | ".join(cells) + f" | {len(rows)} |")
+        lines += ["", "Paired differences (b - a over the same prompt and seed; verdict: beyond 2 SE):", "",
+                  "| comparison | NFE | d(-RSS) | d(accuracy) | d(learned-counter acc.) | d(fidelity) | "
+                  "d(s / prompt) | n | verdict on -RSS |", "|---|---|---|---|---|---|---|---|---|"]
+        for label, a, b, nfe in PAIRS + equal_time_pairs(table):
+            nfe_a, nfe_b = (nfe, nfe) if isinstance(nfe, int) else nfe
+            if (a, nfe_a) not in table or (b, nfe_b) not in table:
+                continue
+            ra, rb = table[(a, nfe_a)], table[(b, nfe_b)]
+            cells, n = [], 0
+            for metric in ("given_reward", *HELD_OUT, "seconds"):
+                m, se, n = paired(ra, rb, metric)
+                cells.append(f"{m:+.3f} +- {se:.3f}")
+            m, se, _ = paired(ra, rb, "given_reward")
+            at = nfe if isinstance(nfe, int) else f"{nfe_b} vs {nfe_a}"
+            lines.append(f"| {label} | {at} | " + " | ".join(cells) + f" | {n} | {verdict(m, se)} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def equal_time_pairs(table: dict) -> list:
+    """threshold at 500 NFE against rollover at the budget whose mean wall seconds is nearest below
+    threshold's (its curve: 100, 300, 500 on schnell): the comparison at (about) equal wall-clock."""
+    if ("threshold", 500) not in table:
+        return []
+    t = np.mean([r["seconds"] for r in table[("threshold", 500)].values()])
+    budgets = [nfe for (s, nfe) in table if s == "rollover"]
+    below = [nfe for nfe in budgets if np.mean([r["seconds"] for r in table[("rollover", nfe)].values()]) <= t]
+    if not below:
+        return []
+    return [("threshold - rollover, equal wall-clock", "rollover", "threshold", (max(below), 500))]
+
+
+def figure(root: Path, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(MODELS), 2, figsize=(10, 4 * len(MODELS)), squeeze=False)
+    colours = {"rollover": "tab:blue", "uniform": "tab:orange", "threshold": "tab:green", "ode:3": "tab:purple"}
+    for row, model in enumerate(MODELS):
+        table = load(root / model)
+        for setting in SETTINGS:
+            points = sorted(nfe for (s, nfe) in table if s == setting)
+            if not points:
+                continue
+            acc = [mean_se(np.array([r["accuracy"] for r in table[(setting, p)].values()])) for p in points]
+            secs = [np.mean([r["seconds"] for r in table[(setting, p)].values()]) for p in points]
+            for ax, xs in zip(axes[row], (points, secs)):
+                ax.errorbar(xs, [a[0] for a in acc], yerr=[a[1] for a in acc], marker="o", capsize=3,
+                            color=colours[setting], label=setting)
+        axes[row][0].set(xscale="log", xlabel="NFE budget per prompt", ylabel="exact counting accuracy",
+                         title=f"{model}: accuracy vs NFE")
+        axes[row][1].set(xscale="log", xlabel="wall seconds per prompt (2 CPU cores)", ylabel="exact counting accuracy",
+                         title=f"{model}: accuracy vs wall-clock")
+        axes[row][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="out/beyond", help="root of the bench folders (resumable)")
+    p.add_argument("--report-only", action="store_true", help="only write the report from the rows on disk")
+    p.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    args = p.parse_args()
+    root = Path(args.out)
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        print(f"beyond_the_paper: error: unknown model {unknown[0]!r}; use {', '.join(MODELS)}", file=sys.stderr)
+        return 2
+    if not args.report_only:
+        for model in models:
+            for setting in BUDGETS[model]:
+                code = experiments.main(bench_args(model, setting, root / model / setting.replace(":", "")))
+                if code:
+                    return code
+    docs = ROOT / "docs" / "results"
+    (docs / "beyond.md").write_text(report(root))
+    figure(root, docs / "beyond.png")
+    print(f"wrote {docs / 'beyond.md'} and {docs / 'beyond.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
