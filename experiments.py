@@ -47,6 +47,7 @@ import argparse
 import csv
 import datetime
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -153,7 +154,10 @@ def load_prompts(spec: str, task: str, seed: int, split: str = "heldout") -> lis
 
 def config_from_args(args) -> BenchConfig:
     base = QUICK if args.quick else FULL
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else base[name]  # noqa: E731
+
+    def pick(name: str):  # the option if given, else the full / --quick default
+        return getattr(args, name) if getattr(args, name) is not None else base[name]
+
     if args.task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     reward = args.reward or args.task
@@ -322,22 +326,24 @@ def _num(x: float) -> str:
 
 def run_unit(pipe: flowscale.Pipeline, cfg: BenchConfig, unit: Unit) -> UnitOutput:
     prompts = [cfg.prompts[i] for i in unit.prompt_ids]
-    gen = flowscale.generate(pipe, prompts, method=unit.method, dynamics=unit.dynamics, nfe=unit.nfe, num_steps=cfg.steps,
-                     reward=cfg.reward_fn or cfg.reward, seed=flowscale.chunk_seed(unit.seed, unit.chunk),
-                     lookahead=cfg.lookahead, max_batch=cfg.max_batch, **knobs_of(cfg, unit.method))
+    generation = flowscale.generate(pipe, prompts, method=unit.method, dynamics=unit.dynamics, nfe=unit.nfe,
+                                    num_steps=cfg.steps, reward=cfg.reward_fn or cfg.reward,
+                                    seed=flowscale.chunk_seed(unit.seed, unit.chunk), lookahead=cfg.lookahead,
+                                    max_batch=cfg.max_batch, **knobs_of(cfg, unit.method))
     rows = []
     for j, (key, i) in enumerate(zip(unit_keys(cfg, unit), unit.prompt_ids)):
-        metrics = gen.metrics[j] if gen.metrics else {}
+        metrics = generation.metrics[j] if generation.metrics else {}
         rows.append(dict(zip(KEY, key)) | {
-            "given_reward": _num(gen.reward[j]),
+            "given_reward": _num(generation.reward[j]),
             "rss": _num(metrics["rss"]) if metrics else "", "accuracy": _num(metrics["accuracy"]) if metrics else "",
             "composition": _num(metrics["composition"]) if metrics else "",
             "fidelity": _num(metrics["fidelity"]) if metrics else "",
-            "counter_accuracy": _num(metrics["counter_accuracy"]) if metrics else "", "nfe_used": str(gen.nfe_used[j]),
-            "nfe_per_step": "|".join(str(int(s.nfe[j])) for s in gen.result.trace),
-            "seconds": f"{gen.seconds / len(prompts):.3f}",
-            "image_sha": image_sha(gen.images[j])})
-    image = gen.images[unit.prompt_ids.index(0)] if 0 in unit.prompt_ids else None
+            "counter_accuracy": _num(metrics["counter_accuracy"]) if metrics else "",
+            "nfe_used": str(generation.nfe_used[j]),
+            "nfe_per_step": "|".join(str(int(s.nfe[j])) for s in generation.result.trace),
+            "seconds": f"{generation.seconds / len(prompts):.3f}",
+            "image_sha": image_sha(generation.images[j])})
+    image = generation.images[unit.prompt_ids.index(0)] if 0 in unit.prompt_ids else None
     return UnitOutput(unit, rows, image)
 
 
@@ -467,8 +473,7 @@ def diversity(pipe: flowscale.Pipeline, prompts: list[str], *, steps: int, branc
         def velocity(x, t, prompt):  # the sampled path's velocity (Eq. 11 for VP), 16 latents a call
             out = []
             for lo in range(0, len(x), 16):
-                p = prompt[lo:lo + 16]
-                model = lambda x_, t_: model_velocity(x_, t_, p)  # noqa: E731
+                model = functools.partial(model_velocity, prompt=prompt[lo:lo + 16])
                 if dynamics == "vp-sde":
                     model = sde.convert_velocity(model, sde.LinearInterpolant(), problem.path)
                 out.append(model(x[lo:lo + 16], t[lo:lo + 16]))
@@ -606,7 +611,10 @@ def table45(cfg: BenchConfig, s: dict) -> list[str]:
 
 def claims(cfg: BenchConfig, s: dict, div: dict) -> list[str]:
     """One verdict per claim of the issue, from the measured means (n/a where a run is missing)."""
-    g = lambda m, d, n: s[m, d, n].stats["given_reward"] if (m, d, n) in s else None  # noqa: E731
+
+    def g(m: str, d: str, n: int) -> Stat | None:  # the given reward of (method, dynamics, NFE), if it ran
+        return s[m, d, n].stats["given_reward"] if (m, d, n) in s else None
+
     top, out = max(cfg.nfe), []
     out.append(f"1. SDE conversion beats the same method's Linear-ODE (given reward, NFE {top}):")
     out += [f"   - {LABEL[m]} {ABBR[d]} vs L.O.: {_diff(g(m, d, top), g(m, 'linear-ode', top))}"
@@ -633,7 +641,10 @@ def claims(cfg: BenchConfig, s: dict, div: dict) -> list[str]:
     if guided:
         d = "vp-sde" if "vp-sde" in guided else guided[0]
         out.append(f"4. RBF+DPS beats DPS and SVDD+DPS ({ABBR[d]}, NFE {top}), on the given and the held-out exact metrics:")
-        held = lambda m, metric: s[m, d, top].stats[metric] if metric != "rss" else _negated(s[m, d, top].stats["rss"])  # noqa: E731
+
+        def held(m: str, metric: str) -> Stat:  # -RSS so that larger is better for every metric
+            return s[m, d, top].stats[metric] if metric != "rss" else _negated(s[m, d, top].stats["rss"])
+
         for metric, name in (("given_reward", "given reward"), ("accuracy", "held-out accuracy"), ("rss", "held-out −RSS")):
             for m in ("dps", "svdd+dps"):
                 out.append(f"   - {name}, RBF+DPS vs {LABEL[m]}: {_diff(held('rbf+dps', metric), held(m, metric))}")

@@ -620,16 +620,16 @@ def heldout_prompts(kind: str, n: int, seed: int = 0, split: str = "heldout") ->
     return toyworld.heldout_prompts(kind, n, seed=seed, split=split)
 
 
-def budget_note(gen: Generation, i: int) -> str | None:
+def budget_note(generation: Generation, i: int) -> str | None:
     """Why prompt i used less than its budget, when the method cannot spend more (None otherwise)."""
-    used = gen.nfe_used[i]
-    if used >= gen.nfe:
+    used = generation.nfe_used[i]
+    if used >= generation.nfe:
         return None
-    if gen.method in ("none", "dps"):
-        what = "the plain sampler" if gen.method == "none" else "DPS (one guided chain)"
-        return (f"{what} spends one NFE per step: used {used} of the {gen.nfe} NFE budget; use bon / rbf "
+    if generation.method in ("none", "dps"):
+        what = "the plain sampler" if generation.method == "none" else "DPS (one guided chain)"
+        return (f"{what} spends one NFE per step: used {used} of the {generation.nfe} NFE budget; use bon / rbf "
                 f"(or svdd+dps / rbf+dps) to spend a larger budget")
-    return f"used {used} of the {gen.nfe} NFE budget (the rest does not make a whole particle)"
+    return f"used {used} of the {generation.nfe} NFE budget (the rest does not make a whole particle)"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -728,13 +728,14 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines + [line]
 
 
-def generation_record(gen: Generation, i: int, **settings) -> dict:
+def generation_record(generation: Generation, i: int, **settings) -> dict:
     """The JSON record of prompt i of a generation."""
-    record = {"prompt": gen.prompts[i], "method": gen.method, "dynamics": gen.dynamics, "nfe": gen.nfe,
-              "nfe_used": gen.nfe_used[i], "reward": gen.reward[i], "seconds": round(gen.seconds, 3), **settings}
-    if gen.metrics:
-        record["heldout"] = gen.metrics[i]
-    note = budget_note(gen, i)
+    g = generation
+    record = {"prompt": g.prompts[i], "method": g.method, "dynamics": g.dynamics, "nfe": g.nfe,
+              "nfe_used": g.nfe_used[i], "reward": g.reward[i], "seconds": round(g.seconds, 3), **settings}
+    if generation.metrics:
+        record["heldout"] = generation.metrics[i]
+    note = budget_note(generation, i)
     if note:
         record["note"] = note
     return record
@@ -907,11 +908,11 @@ def cmd_generate(args) -> None:
                         **knobs)
 
     if args.prompts is None:  # one prompt: out/image.png and out/result.json, as always
-        gen = search_for(read, args.seed)
-        record = generation_record(gen, 0, **{k: v for k, v in settings.items() if k not in ("method", "nfe")})
+        generation = search_for(read, args.seed)
+        record = generation_record(generation, 0, **{k: v for k, v in settings.items() if k not in ("method", "nfe")})
         if "note" in record:
             print(f"flowscale generate: note: {record['note']}", file=sys.stderr)
-        record = write_image_and_record(out, gen.images[0], record, scale=scale)
+        record = write_image_and_record(out, generation.images[0], record, scale=scale)
         print(json.dumps(record, indent=2))
         return
     # A prompts file: fixed chunks of --batch lines, chunk c searched with seed chunk_seed(seed, c), so
@@ -924,14 +925,14 @@ def cmd_generate(args) -> None:
         skipped += len(chunk) - len(todo)
         if not todo:
             continue
-        gen = search_for([read[i] for i in chunk], chunk_seed(args.seed, c))
+        generation = search_for([read[i] for i in chunk], chunk_seed(args.seed, c))
         for j, i in enumerate(chunk):
             if i not in todo:
                 continue
             folders[i].mkdir(parents=True, exist_ok=True)
-            record = generation_record(gen, j, line=i + 1, **{k: v for k, v in settings.items()
+            record = generation_record(generation, j, line=i + 1, **{k: v for k, v in settings.items()
                                                                if k not in ("method", "nfe")})
-            records.append(write_image_and_record(folders[i], gen.images[j], record, scale=scale))
+            records.append(write_image_and_record(folders[i], generation.images[j], record, scale=scale))
             print(f"flowscale generate: {folders[i]}: reward {record['reward']:.4g}", file=sys.stderr)
     print(json.dumps({"out": str(out), "prompts": len(read), "written": len(records), "skipped": skipped,
                       "results": records}, indent=2))
@@ -999,33 +1000,34 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"held-out counting prompts (1 .. {MAX_PROMPTS})")
     demo.add_argument("--nfe", type=int, default=DEMO_NFE, help="budget per prompt of BoN and RBF")
 
-    gen = sub.add_parser("generate", help="one prompt, one search method",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common(gen)
-    gen.add_argument("--prompt", default=None,
-                     help="the prompt; lower-cased (and, in the shape world, without commas and full stop) for a "
-                          "model whose vocabulary is lower-case, as the embedded one")
-    gen.add_argument("--prompts", default=None,
-                     help="a file of prompts, one a line: one folder per prompt under --out (image.png, result.json); "
-                          "a rerun skips the finished ones")
-    gen.add_argument("--batch", type=int, default=1,
-                     help="with --prompts: prompts searched together (their latents share velocity calls)")
-    gen.add_argument("--method", default="rbf", help=" | ".join(search.METHODS))
-    gen.add_argument("--dynamics", default="vp-sde", help=" | ".join(search.DYNAMICS))
-    gen.add_argument("--nfe", type=int, default=200, help="NFE budget (velocity evaluations)")
-    gen.add_argument("--height", type=int, default=1024, help="image height (real FLUX.1 only)")
-    gen.add_argument("--width", type=int, default=1024, help="image width (real FLUX.1 only)")
-    gen.add_argument("--reward-weights", default=None,
-                     help="aesthetic: the LAION predictor file (sac+logos+ava1-l14-linearMSE.pth or .safetensors)")
-    gen.add_argument("--clip", default=None,
-                     help="aesthetic / clip-score: a CLIP ViT-L/14 folder (HF CLIPModel: config.json, "
-                          "model.safetensors, vocab.json, merges.txt)")
-    gen.add_argument("--dps-beta", type=float, default=None,
-                     help="reward temperature of dps, svdd+dps and rbf+dps (guidance strength 1/beta; "
-                          "default search.DPS_BETA)")
-    add_search_arguments(gen)
-    add_device_arguments(gen)
-    gen.add_argument("--out", default="out/generate")
+    generate_parser = sub.add_parser("generate", help="one prompt, one search method",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common(generate_parser)
+    generate_parser.add_argument("--prompt", default=None,
+                                 help="the prompt; lower-cased (and, in the shape world, without commas and full "
+                                      "stop) for a model whose vocabulary is lower-case, as the embedded one")
+    generate_parser.add_argument("--prompts", default=None,
+                                 help="a file of prompts, one a line: one folder per prompt under --out (image.png, "
+                                      "result.json); a rerun skips the finished ones")
+    generate_parser.add_argument("--batch", type=int, default=1,
+                                 help="with --prompts: prompts searched together (their latents share velocity calls)")
+    generate_parser.add_argument("--method", default="rbf", help=" | ".join(search.METHODS))
+    generate_parser.add_argument("--dynamics", default="vp-sde", help=" | ".join(search.DYNAMICS))
+    generate_parser.add_argument("--nfe", type=int, default=200, help="NFE budget (velocity evaluations)")
+    generate_parser.add_argument("--height", type=int, default=1024, help="image height (real FLUX.1 only)")
+    generate_parser.add_argument("--width", type=int, default=1024, help="image width (real FLUX.1 only)")
+    generate_parser.add_argument("--reward-weights", default=None,
+                                 help="aesthetic: the LAION predictor file (sac+logos+ava1-l14-linearMSE.pth or "
+                                      ".safetensors)")
+    generate_parser.add_argument("--clip", default=None,
+                                 help="aesthetic / clip-score: a CLIP ViT-L/14 folder (HF CLIPModel: config.json, "
+                                      "model.safetensors, vocab.json, merges.txt)")
+    generate_parser.add_argument("--dps-beta", type=float, default=None,
+                                 help="reward temperature of dps, svdd+dps and rbf+dps (guidance strength 1/beta; "
+                                      "default search.DPS_BETA)")
+    add_search_arguments(generate_parser)
+    add_device_arguments(generate_parser)
+    generate_parser.add_argument("--out", default="out/generate")
 
     # listed here; its options are experiments.py's (main hands the command over before parsing)
     sub.add_parser("bench", add_help=False, help="the paper's tables and figures in miniature (experiments.py; "

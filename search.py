@@ -201,8 +201,8 @@ class Counts:
 
 def new_counts(num_prompts: int, nfe_limit: int) -> Counts:
     """Zeroed counters for P prompts with budget `nfe_limit` each."""
-    zeros = lambda: torch.zeros(num_prompts, dtype=torch.long)  # noqa: E731
-    return Counts(zeros(), nfe_limit, zeros(), zeros())
+    nfe, reward_calls, backward_calls = (torch.zeros(num_prompts, dtype=torch.long) for _ in range(3))
+    return Counts(nfe, nfe_limit, reward_calls, backward_calls)
 
 
 @dataclass
@@ -215,14 +215,23 @@ class Evaluation:
     grad: Tensor | None  # (B, *shape) d reward(x0_hat(x_t)) / d x_t through the velocity, if asked for
 
     def take(self, idx: Tensor) -> Evaluation:
-        pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        return Evaluation(self.u_t[idx], self.x0_hat[idx], pick(self.reward), pick(self.grad))
+        """The rows idx."""
+        return Evaluation(self.u_t[idx], self.x0_hat[idx], _take(self.reward, idx), _take(self.grad, idx))
+
+
+def _take(a: Tensor | None, idx: Tensor) -> Tensor | None:
+    return None if a is None else a[idx]
+
+
+def _where_rows(mask: Tensor, a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """Rows of a (B, ...) where mask (B,) else rows of b; None (a field not computed) stays None."""
+    return None if a is None else torch.where(mask.view(-1, *[1] * (a.ndim - 1)), a, b)
 
 
 def _where(mask: Tensor, a: Evaluation, b: Evaluation) -> Evaluation:
     """Rows of a where mask (B,) else rows of b."""
-    w = lambda p, q: None if p is None else torch.where(mask.view(-1, *[1] * (p.ndim - 1)), p, q)  # noqa: E731
-    return Evaluation(w(a.u_t, b.u_t), w(a.x0_hat, b.x0_hat), w(a.reward, b.reward), w(a.grad, b.grad))
+    return Evaluation(_where_rows(mask, a.u_t, b.u_t), _where_rows(mask, a.x0_hat, b.x0_hat),
+                      _where_rows(mask, a.reward, b.reward), _where_rows(mask, a.grad, b.grad))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -238,10 +247,18 @@ class _At:
     conv: sde.ConversionCoeffs | None  # Linear -> VP time change t_s and scale c_s (Eqs. 10-11), vp-sde only
 
     def index(self, idx) -> _At:
-        """The same times indexed by idx (int or tensor); fields of shape () stay."""
-        pick = lambda obj: type(obj)(*(a if a.ndim == 0 else a[idx] for a in vars(obj).values()))  # noqa: E731
-        t = self.t if self.t.ndim == 0 else self.t[idx]
-        return _At(t, pick(self.c), None if self.conv is None else pick(self.conv))
+        """The same times indexed by idx (int, slice or tensor); fields of shape () stay."""
+        c, v = self.c, self.conv
+        coeffs = sde.Coeffs(_pick(c.alpha_t, idx), _pick(c.sigma_t, idx), _pick(c.d_alpha_t, idx),
+                            _pick(c.d_sigma_t, idx))
+        conv = None if v is None else sde.ConversionCoeffs(_pick(v.t_s, idx), _pick(v.c_s, idx), _pick(v.d_t_s, idx),
+                                                           _pick(v.d_c_s, idx))
+        return _At(_pick(self.t, idx), coeffs, conv)
+
+
+def _pick(a: Tensor, idx) -> Tensor:
+    """a[idx] for a coefficient given per time; one of shape () is the same at every time."""
+    return a if a.ndim == 0 else a[idx]
 
 
 def _at(problem: Problem, t: Tensor) -> _At:
@@ -319,8 +336,8 @@ def _score(problem: Problem, r, rows: int, grad: bool) -> None:
                          f"(computed under no_grad, through numpy or .detach()); DPS needs its gradient")
 
 
-def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor,
-              reward: bool, grad: bool, used: Tensor | None = None, prompt_cpu: Tensor | None = None) -> Evaluation:
+def _evaluate_at(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Tensor, *, reward: bool,
+                 grad: bool, used: Tensor | None = None, prompt_cpu: Tensor | None = None) -> Evaluation:
     """The one counted evaluation: every velocity call of every algorithm goes through here. `used`
     (P,) is the number of rows per prompt, if the caller knows it (else counted from `prompt`).
     `prompt` is on the particles' device (for the velocity); the reward gets `prompt_cpu`, the same ids
@@ -377,8 +394,12 @@ def _evaluate(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt: Te
         out.append(Evaluation(u_t.detach(), x0_hat.detach(), None if r is None else r.detach(), d))
     if len(out) == 1:
         return out[0]
-    per_field = zip(*(vars(e).values() for e in out))  # (u_t of every chunk), (x0_hat of every chunk), ...
-    return Evaluation(*(None if f[0] is None else torch.cat(f) for f in per_field))
+    return Evaluation(torch.cat([e.u_t for e in out]), torch.cat([e.x0_hat for e in out]),
+                      _cat([e.reward for e in out]), _cat([e.grad for e in out]))
+
+
+def _cat(parts: list[Tensor | None]) -> Tensor | None:
+    return None if parts[0] is None else torch.cat(parts)
 
 
 @torch.no_grad()
@@ -389,11 +410,11 @@ def evaluate(problem: Problem, counts: Counts, x_t: Tensor, t: Tensor, prompt: T
     reward). The budget is checked for all rows before any call (RuntimeError: callers must not ask for
     more). With grad=True each chunk of `max_batch` rows is one forward with autograd, which also serves
     as the velocity (still one NFE), and one backward."""
-    return _evaluate(problem, counts, x_t, _at(problem, t), prompt, reward, grad)
+    return _evaluate_at(problem, counts, x_t, _at(problem, t), prompt, reward=reward, grad=grad)
 
 
 @dataclass
-class _Run:
+class _State:
     """The state every algorithm shares: problem, grid, counters, one generator per prompt, trace."""
 
     problem: Problem
@@ -413,7 +434,7 @@ class _Run:
     times: list = field(default_factory=list)  # the grid times as floats (trace entries without a device read)
 
 
-def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, method: str, knobs: dict) -> _Run:
+def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, method: str, knobs: dict) -> _State:
     start = time.perf_counter()
     if not isinstance(problem, Problem):
         raise ValueError(f"problem must be a search.Problem, got {type(problem).__name__}")
@@ -435,7 +456,7 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     g = problem.g(ts) if problem.g is not None else torch.zeros_like(ts)
     counts = new_counts(P, nfe)
     best = torch.full((P,), -math.inf, device=problem.device)
-    return _Run(problem, grid, g, sde.guidance_factor(grid.c, g), counts, gens, callback, [], best,
+    return _State(problem, grid, g, sde.guidance_factor(grid.c, g), counts, gens, callback, [], best,
                 counts.nfe.clone(), start=start, times=ts.tolist())
 
 
@@ -486,109 +507,119 @@ def _fits(problem: Problem, method: str, knobs: dict, nfe: int) -> None:
                          f"this machine's {have / 1e9:,.1f} GB of memory; use a smaller budget")
 
 
-def _rows(run: _Run, n: int) -> Tensor:
+def _rows(state: _State, n: int) -> Tensor:
     """Prompt id of each row of the prompt-major layout (P, n) -> (P * n,)."""
-    if n not in run.rows:
-        run.rows_cpu[n] = torch.arange(run.problem.num_prompts).repeat_interleave(n)
-        run.rows[n] = run.rows_cpu[n].to(run.problem.device)
-        run.used[n] = torch.full((run.problem.num_prompts,), n, dtype=torch.long)
-    return run.rows[n]
+    if n not in state.rows:
+        state.rows_cpu[n] = torch.arange(state.problem.num_prompts).repeat_interleave(n)
+        state.rows[n] = state.rows_cpu[n].to(state.problem.device)
+        state.used[n] = torch.full((state.problem.num_prompts,), n, dtype=torch.long)
+    return state.rows[n]
 
 
-def _noise(run: _Run, n: int) -> Tensor:
+def _noise(state: _State, n: int) -> Tensor:
     """n standard normal latents per prompt from the prompt's own generator, (P * n, *shape)."""
-    p = run.problem
-    z = [torch.randn((n, *p.shape), generator=g, dtype=p.dtype, device=g.device) for g in run.gens]
+    p = state.problem
+    z = [torch.randn((n, *p.shape), generator=g, dtype=p.dtype, device=g.device) for g in state.gens]
     return z[0] if len(z) == 1 else torch.cat(z)  # (P * n, *shape), on the device of the generators
 
 
-def _eval(run: _Run, x: Tensor, i: Tensor | int, n: int, reward: bool, grad: bool = False,
-          mask: Tensor | None = None) -> Evaluation:
+def _evaluate_layout(state: _State, x: Tensor, i: Tensor | int, n: int, *, reward: bool, grad: bool = False,
+                     mask: Tensor | None = None) -> Evaluation:
     """Evaluate the layout (P, n) at grid index i (int, or (B,) per row); tracks the best reward. With
     `mask` (B,) bool only those rows are evaluated (and counted); the others get reward -inf and zeros."""
     if mask is not None and not bool(mask.all()):
         idx = mask.nonzero().flatten()  # a device read: which rows run depends on the mask
-        sub = _evaluate(run.problem, run.counts, x[idx], run.grid.index(i[idx]), _rows(run, n)[idx], reward, grad,
-                        prompt_cpu=run.rows_cpu[n][idx.cpu()])
-        put = lambda a, fill: None if a is None else fill.index_copy(0, idx, a)  # noqa: E731
+        sub = _evaluate_at(state.problem, state.counts, x[idx], state.grid.index(i[idx]), _rows(state, n)[idx],
+                           reward=reward, grad=grad, prompt_cpu=state.rows_cpu[n][idx.cpu()])
+        def put(a: Tensor | None, fill: Tensor) -> Tensor | None:  # the evaluated rows into `fill`
+            return None if a is None else fill.index_copy(0, idx, a)
+
         ev = Evaluation(put(sub.u_t, torch.zeros_like(x)), put(sub.x0_hat, torch.zeros_like(x)),
                         put(sub.reward, torch.full((x.shape[0],), -math.inf, dtype=sub.reward.dtype)),
                         put(sub.grad, torch.zeros_like(x)))
     else:
-        ev = _evaluate(run.problem, run.counts, x, run.grid.index(i), _rows(run, n), reward, grad, run.used[n],
-                       run.rows_cpu[n])
-    if ev.reward is not None:
-        run.best = torch.maximum(run.best, ev.reward.view(run.problem.num_prompts, n).amax(1))
+        ev = _evaluate_at(state.problem, state.counts, x, state.grid.index(i), _rows(state, n), reward=reward,
+                          grad=grad, used=state.used[n], prompt_cpu=state.rows_cpu[n])
+    _track_best(state, ev, n)
     return ev
 
 
-def _record(run: _Run, step: int, ess: Tensor | None = None, nfe: Tensor | None = None, t: float | None = None) -> None:
+def _track_best(state: _State, ev: Evaluation, n: int) -> None:
+    """The best reward scored so far per prompt (the trace's best_reward), from a layout (P, n)'s rewards."""
+    if ev.reward is not None:
+        state.best = torch.maximum(state.best, ev.reward.view(state.problem.num_prompts, n).amax(1))
+
+
+def _record(state: _State, step: int, ess: Tensor | None = None, nfe: Tensor | None = None,
+            t: float | None = None) -> None:
     """Append a trace entry (NFE since the previous entry unless given) and call the callback."""
     if nfe is None:
-        nfe, run.nfe_mark = run.counts.nfe - run.nfe_mark, run.counts.nfe.clone()
+        nfe, state.nfe_mark = state.counts.nfe - state.nfe_mark, state.counts.nfe.clone()
     # trace entries are on the CPU: one small copy per step (not per candidate), for plots and progress bars
-    info = StepInfo(step, run.times[step] if t is None else t, nfe, run.best.cpu(), None if ess is None else ess.cpu())
-    run.trace.append(info)
-    if run.callback is not None:
-        run.callback(info)
+    info = StepInfo(step, state.times[step] if t is None else t, nfe, state.best.cpu(),
+                    None if ess is None else ess.cpu())
+    state.trace.append(info)
+    if state.callback is not None:
+        state.callback(info)
 
 
-def _propose(run: _Run, x: Tensor, ev: Evaluation, i: Tensor | int, n: int, dps_beta: float | None,
+def _propose(state: _State, x: Tensor, ev: Evaluation, i: Tensor | int, n: int, dps_beta: float | None,
              noise: Tensor | None = None) -> Tensor:
     """One proposal step from grid index i to i + 1 for the layout (P, n): Euler for the ODE (Eq. 6,
     sde.euler_step), else Euler-Maruyama (Eq. 9 / 12, sde.euler_maruyama on the grid's coefficients;
     `noise` replaces the draw from the prompts' generators). With dps_beta, the DPS guidance (the
     value's gradient at x, carried in ev.grad) moves the step by sde.guidance_factor (Eq. 30)."""
-    now = run.grid.index(i)
-    t_next = run.grid.t[i + 1]
-    if run.problem.g is None:
+    now = state.grid.index(i)
+    t_next = state.grid.t[i + 1]
+    if state.problem.g is None:
         x_next = sde.euler_step(x, ev.u_t, now.t, t_next)
     else:
-        x_next = sde.euler_maruyama(x, ev.u_t, now.c, _col(run.g[i], x), _col(now.t - t_next, x),
-                                    _noise(run, n) if noise is None else noise)
+        x_next = sde.euler_maruyama(x, ev.u_t, now.c, _col(state.g[i], x), _col(now.t - t_next, x),
+                                    _noise(state, n) if noise is None else noise)
     if dps_beta is not None:
         dt = _col(now.t - t_next, x)  # > 0, backward in time
-        x_next = x_next + (_col(run.eta_g[i], x) * dt / dps_beta) * ev.grad
+        x_next = x_next + (_col(state.eta_g[i], x) * dt / dps_beta) * ev.grad
     return x_next
 
 
-def _result(run: _Run, method: str, knobs: dict, x0: Tensor, r: Tensor, log_w: Tensor | None = None) -> SearchResult:
+def _result(state: _State, method: str, knobs: dict, x0: Tensor, r: Tensor,
+            log_w: Tensor | None = None) -> SearchResult:
     """Best particle per prompt by reward, from the final x0_hat (P * n, *shape) and rewards (P * n,)."""
-    P, shape = run.problem.num_prompts, run.problem.shape
+    P, shape = state.problem.num_prompts, state.problem.shape
     x0, r = x0.reshape(P, -1, *shape), r.reshape(P, -1)  # (P, n, *shape), (P, n)
     best = r.argmax(1)
     ar = torch.arange(P, device=r.device)
-    c = run.counts
+    c = state.counts
     lw = None if log_w is None else torch.log_softmax(log_w.view(P, -1), 1)
-    wall = time.perf_counter() - run.start
+    wall = time.perf_counter() - state.start
     seconds = dict(c.seconds) | {"other": max(wall - c.seconds["velocity"] - c.seconds["reward"], 0.0)}
     return SearchResult(x0[ar, best], r[ar, best], c.nfe.clone(), c.reward_calls.clone(), c.backward_calls.clone(),
-                        x0, r, lw, run.trace, method, knobs, seconds)
+                        x0, r, lw, state.trace, method, knobs, seconds)
 
 
 # -----------------------------------------------------------------------------------------------
 # 3. Plain sampling: none, Best-of-N, DPS
 
 
-def _sample(run: _Run, n: int, dps_beta: float | None) -> Evaluation:
+def _sample(state: _State, n: int, dps_beta: float | None) -> Evaluation:
     """n chains per prompt through the whole grid; rewards only at the end unless guided."""
-    T = run.problem.num_steps
-    x = _noise(run, n)  # (P * n, *shape) at t = 1
+    T = state.problem.num_steps
+    x = _noise(state, n)  # (P * n, *shape) at t = 1
     for i in range(T):
         guided = dps_beta is not None
-        ev = _eval(run, x, i, n, reward=guided or i == T - 1, grad=guided)
+        ev = _evaluate_layout(state, x, i, n, reward=guided or i == T - 1, grad=guided)
         if i < T - 1:
-            x = _propose(run, x, ev, i, n, dps_beta)
-        _record(run, i)
+            x = _propose(state, x, ev, i, n, dps_beta)
+        _record(state, i)
     return ev
 
 
 @torch.no_grad()
 def plain(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None) -> SearchResult:
     """The sampler alone: one chain per prompt, num_steps NFE (the budget beyond that is not used)."""
-    run = _start(problem, nfe, generator, callback, "none", {})
-    ev = _sample(run, 1, None)
-    return _result(run, "none", {}, ev.x0_hat, ev.reward)
+    state = _start(problem, nfe, generator, callback, "none", {})
+    ev = _sample(state, 1, None)
+    return _result(state, "none", {}, ev.x0_hat, ev.reward)
 
 
 @torch.no_grad()
@@ -600,9 +631,9 @@ def best_of_n(problem: Problem, nfe: int, *, generator: torch.Generator, callbac
     samples). The paper runs it with the linear ODE; here it uses the problem's dynamics, so
     Problem(dynamics="linear-ode") is the paper's BoN."""
     n = n if n is not None else max(nfe // (problem.num_steps + problem.lookahead_nfe), 1)
-    run = _start(problem, nfe, generator, callback, "bon", {"n": n})
-    ev = _sample(run, n, None)
-    return _result(run, "bon", {"n": n}, ev.x0_hat, ev.reward)
+    state = _start(problem, nfe, generator, callback, "bon", {"n": n})
+    ev = _sample(state, n, None)
+    return _result(state, "bon", {"n": n}, ev.x0_hat, ev.reward)
 
 
 @torch.no_grad()
@@ -612,9 +643,9 @@ def dps(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     every step moved along grad_x reward(x0_hat(x)) / beta (Eq. 30, see sde.guidance_factor). One NFE and one
     backward per chain and step. Needs Problem(differentiable=True)."""
     _need_gradients(problem, beta)
-    run = _start(problem, nfe, generator, callback, "dps", {"n": n})
-    ev = _sample(run, n, beta)
-    return _result(run, "dps", {"n": n, "beta": beta}, ev.x0_hat, ev.reward)
+    state = _start(problem, nfe, generator, callback, "dps", {"n": n})
+    ev = _sample(state, n, beta)
+    return _result(state, "dps", {"n": n, "beta": beta}, ev.x0_hat, ev.reward)
 
 
 def _need_gradients(problem: Problem, beta: float) -> None:
@@ -645,15 +676,14 @@ def _sop_schedule(t_start: float, delta_f: float, delta_b: float) -> list[tuple[
     return out
 
 
-def _ode(run: _Run, x: Tensor, t_a: float, t_b: float, m: int, n: int, reward: bool) -> tuple[Tensor, Evaluation]:
+def _ode(state: _State, x: Tensor, t_a: float, t_b: float, m: int, n: int, reward: bool) -> tuple[Tensor, Evaluation]:
     """m Euler steps of the path's ODE on a uniform grid from t_a down to t_b (official code: uniform)."""
-    taus = _at(run.problem, torch.linspace(t_a, t_b, m + 1, dtype=run.problem.dtype, device=run.problem.device))
+    taus = _at(state.problem, torch.linspace(t_a, t_b, m + 1, dtype=state.problem.dtype, device=state.problem.device))
     for j in range(m):
-        ev = _evaluate(run.problem, run.counts, x, taus.index(j), _rows(run, n), reward and j == m - 1, False,
-                       run.used[n], run.rows_cpu[n])
+        ev = _evaluate_at(state.problem, state.counts, x, taus.index(j), _rows(state, n), reward=reward and j == m - 1,
+                          grad=False, used=state.used[n], prompt_cpu=state.rows_cpu[n])
         x = sde.euler_step(x, ev.u_t, taus.t[j], taus.t[j + 1])
-    if ev.reward is not None:
-        run.best = torch.maximum(run.best, ev.reward.view(run.problem.num_prompts, n).amax(1))
+    _track_best(state, ev, n)
     return x, ev
 
 
@@ -675,21 +705,21 @@ def search_over_paths(problem: Problem, nfe: int, *, generator: torch.Generator,
     looks = n * k * len(schedule) * problem.lookahead_nfe  # the lookahead of the scored solve ends
     m = ode_steps if ode_steps is not None else max((nfe - looks) // per_solve, 1)
     knobs = {"n": n, "k": k, "t_start": t_start, "delta_f": delta_f, "delta_b": delta_b, "ode_steps": m}
-    run = _start(problem, nfe, generator, callback, "sop", knobs)
+    state = _start(problem, nfe, generator, callback, "sop", knobs)
     P = problem.num_prompts
-    x, ev = _ode(run, _noise(run, n), 1.0, t_start, m, n, reward=False)
+    x, ev = _ode(state, _noise(state, n), 1.0, t_start, m, n, reward=False)
     t_prev = t_start
     for step, (t_f, t_b) in enumerate(schedule):
         x = x.repeat_interleave(k, 0)  # (P * n * k, *shape), copies of a parent adjacent
         a_f, a_b = (problem.path(torch.tensor(s, dtype=torch.float64)) for s in (t_f, t_prev))
         ratio = float(a_f.alpha_t / a_b.alpha_t)  # x_f = ratio x_b + sqrt(sigma_f^2 - ratio^2 sigma_b^2) z
-        x = ratio * x + math.sqrt(max(float(a_f.sigma_t**2 - ratio**2 * a_b.sigma_t**2), 0.0)) * _noise(run, n * k)
-        x, ev = _ode(run, x, t_f, t_b, m, n * k, reward=True)
+        x = ratio * x + math.sqrt(max(float(a_f.sigma_t**2 - ratio**2 * a_b.sigma_t**2), 0.0)) * _noise(state, n * k)
+        x, ev = _ode(state, x, t_f, t_b, m, n * k, reward=True)
         top = ev.reward.view(P, n * k).topk(n, dim=1).indices + n * k * torch.arange(P, device=x.device)[:, None]
         x, ev = x[top.flatten()], ev.take(top.flatten())
         t_prev = t_b
-        _record(run, step, t=t_b)
-    return _result(run, "sop", knobs, ev.x0_hat, ev.reward)
+        _record(state, step, t=t_b)
+    return _result(state, "sop", knobs, ev.x0_hat, ev.reward)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -716,26 +746,26 @@ def smc(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
         raise ValueError(f"smc needs beta > 0 and 0 <= ess_threshold <= 1, got beta={beta}, "
                          f"ess_threshold={ess_threshold}")
     knobs = {"n": n, "beta": beta, "ess_threshold": ess_threshold}
-    run = _start(problem, nfe, generator, callback, "smc", knobs)
+    state = _start(problem, nfe, generator, callback, "smc", knobs)
     P = problem.num_prompts
-    x = _noise(run, n)  # (P * n, *shape)
-    ev = _eval(run, x, 0, n, reward=True)
+    x = _noise(state, n)  # (P * n, *shape)
+    ev = _evaluate_layout(state, x, 0, n, reward=True)
     log_w = (ev.reward / beta).view(P, n)  # w = exp(v(x_1) / beta): the twisted target at t = 1 over the prior
-    _record(run, 0)
+    _record(state, 0)
     for i in range(1, problem.num_steps):
         ess = 1 / torch.softmax(log_w, 1).pow(2).sum(1)  # (P,)
         idx = torch.arange(P * n, device=x.device).view(P, n)
         for q in torch.nonzero(ess < ess_threshold * n).flatten().tolist():  # a device read per step (selection)
             idx[q] = q * n + torch.multinomial(torch.softmax(log_w[q], 0), n, replacement=True,
-                                               generator=run.gens[q]).to(idx.device)
+                                               generator=state.gens[q]).to(idx.device)
             log_w[q] = 0.0  # resampled particles are equally weighted
         x, ev = x[idx.flatten()], ev.take(idx.flatten())
-        x = _propose(run, x, ev, i - 1, n, None)
-        ev_next = _eval(run, x, i, n, reward=True)
+        x = _propose(state, x, ev, i - 1, n, None)
+        ev_next = _evaluate_layout(state, x, i, n, reward=True)
         log_w = log_w + ((ev_next.reward - ev.reward) / beta).view(P, n)  # Eq. 27, in log space
         ev = ev_next
-        _record(run, i, ess=ess)
-    return _result(run, "smc", knobs, ev.x0_hat, ev.reward, log_w)
+        _record(state, i, ess=ess)
+    return _result(state, "smc", knobs, ev.x0_hat, ev.reward, log_w)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -755,23 +785,23 @@ def _children(nfe: int, problem: Problem, n: int, block: int) -> int:
     return max((nfe - n) // (n * _child_cost(problem, block)), 1)
 
 
-def _blockwise(run: _Run, n: int, k: int, block: int, dps_beta: float | None) -> Evaluation:
-    T, guided = run.problem.num_steps, dps_beta is not None
-    x = _noise(run, n)  # (P * n, *shape), the n chains of every prompt
-    ev = _eval(run, x, 0, n, reward=guided, grad=guided)  # the copies of a parent share this NFE
-    _record(run, 0)
+def _blockwise(state: _State, n: int, k: int, block: int, dps_beta: float | None) -> Evaluation:
+    T, guided = state.problem.num_steps, dps_beta is not None
+    x = _noise(state, n)  # (P * n, *shape), the n chains of every prompt
+    ev = _evaluate_layout(state, x, 0, n, reward=guided, grad=guided)  # the copies of a parent share this NFE
+    _record(state, 0)
     i = 0
     while i < T - 1:
         x, ev = x.repeat_interleave(k, 0), ev.take(torch.arange(x.shape[0], device=x.device).repeat_interleave(k))
         for j in range(block):
-            x = _propose(run, x, ev, i, n * k, dps_beta)  # independent noise per child
+            x = _propose(state, x, ev, i, n * k, dps_beta)  # independent noise per child
             i += 1
-            ev = _eval(run, x, i, n * k, reward=guided or i == T - 1 or j == block - 1, grad=guided)
+            ev = _evaluate_layout(state, x, i, n * k, reward=guided or i == T - 1 or j == block - 1, grad=guided)
             if i == T - 1:
                 break
         best = ev.reward.view(-1, k).argmax(1) + k * torch.arange(x.shape[0] // k, device=x.device)  # argmax child
         x, ev = x[best], ev.take(best)
-        _record(run, i)
+        _record(state, i)
     return ev
 
 
@@ -784,9 +814,9 @@ def code(problem: Problem, nfe: int, *, generator: torch.Generator, callback=Non
     n, block = _positive("code", "n", n), _positive("code", "block", block)
     k = k if k is not None else _children(nfe, problem, n, block)
     knobs = {"n": n, "k": k, "block": block}
-    run = _start(problem, nfe, generator, callback, "code", knobs)
-    ev = _blockwise(run, n, k, block, None)
-    return _result(run, "code", knobs, ev.x0_hat, ev.reward)
+    state = _start(problem, nfe, generator, callback, "code", knobs)
+    ev = _blockwise(state, n, k, block, None)
+    return _result(state, "code", knobs, ev.x0_hat, ev.reward)
 
 
 @torch.no_grad()
@@ -801,9 +831,9 @@ def svdd(problem: Problem, nfe: int, *, generator: torch.Generator, callback=Non
         _need_gradients(problem, dps_beta)
     method = "svdd" if dps_beta is None else "svdd+dps"
     knobs = {"n": n, "k": k} | ({} if dps_beta is None else {"dps_beta": dps_beta})
-    run = _start(problem, nfe, generator, callback, method, {"n": n, "k": k})
-    ev = _blockwise(run, n, k, 1, dps_beta)
-    return _result(run, method, knobs, ev.x0_hat, ev.reward)
+    state = _start(problem, nfe, generator, callback, method, {"n": n, "k": k})
+    ev = _blockwise(state, n, k, 1, dps_beta)
+    return _result(state, method, knobs, ev.x0_hat, ev.reward)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -869,11 +899,11 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     T, guided = problem.num_steps, dps_beta is not None
     knobs = {"n": n, "init_particles": init, "quota": Q, "rollover": rollover, "allocation": allocation} | \
         ({} if threshold is None else {"threshold": threshold})
-    run = _start(problem, nfe, generator, callback, method, {"n": n, "init_particles": init})
+    state = _start(problem, nfe, generator, callback, method, {"n": n, "init_particles": init})
     P, R = problem.num_prompts, problem.num_prompts * n
-    x = _noise(run, n * init)  # (P * n * init, *shape)
-    ev = _eval(run, x, 0, n * init, reward=True, grad=guided)
-    _record(run, 0)
+    x = _noise(state, n * init)  # (P * n * init, *shape)
+    ev = _evaluate_layout(state, x, 0, n * init, reward=True, grad=guided)
+    _record(state, 0)
     dev = problem.device
     pick = ev.reward.view(R, init).argmax(1) + init * torch.arange(R, device=dev)  # best initial noise of every chain
     x, ev = x[pick], ev.take(pick)  # the anchors, (R, *shape)
@@ -887,13 +917,13 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     best_r = torch.full((R,), -math.inf, dtype=ev.reward.dtype, device=dev)  # its reward, -inf at a stage's start
     done, chains = 1, torch.arange(R, device=dev)  # trace entries emitted so far (grid index 0 is the initialisation)
     for _ in range(draws):
-        cand = _propose(run, x, ev, stage, n, dps_beta)  # one candidate per chain (noise drawn for all)
-        cand_ev = _eval(run, cand, stage + 1, n, reward=True, grad=guided,
+        cand = _propose(state, x, ev, stage, n, dps_beta)  # one candidate per chain (noise drawn for all)
+        cand_ev = _evaluate_layout(state, cand, stage + 1, n, reward=True, grad=guided,
                         mask=active if allocation == "threshold" else None)
         drawn += active
         spent[chains, stage + 1] += c * active
         better = active & (cand_ev.reward > best_r)
-        best_x = torch.where(better.view(-1, *[1] * len(problem.shape)), cand, best_x)
+        best_x = _where_rows(better, cand, best_x)
         best_ev, best_r = _where(better, cand_ev, best_ev), torch.where(better, cand_ev.reward, best_r)
         if allocation == "rollover":
             accept = active & (cand_ev.reward > r_star)  # strict, against r* (not the anchor's own reward)
@@ -909,7 +939,7 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
         advance = can_move & (accept | forced)
         left = (quota - drawn) if rollover else torch.zeros_like(quota)
         quota = torch.where(advance & accept, Q + left, torch.where(advance, Q, quota))
-        x = torch.where(advance.view(-1, *[1] * len(problem.shape)), best_x, x)
+        x = _where_rows(advance, best_x, x)
         ev = _where(advance, best_ev, ev)
         stage, drawn = stage + advance, torch.where(advance, 0, drawn)
         best_r = torch.where(advance, -math.inf, best_r)
@@ -918,15 +948,15 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
         # one scalar read per draw (the only one of the loop besides "threshold"'s active.any()): the
         # trace entry of a grid index, and the progress bar with it, is final once every chain has left it
         while done <= int(stage.min()):
-            _record(run, done, nfe=spent[:, done].view(P, n).sum(1).cpu())
+            _record(state, done, nfe=spent[:, done].view(P, n).sum(1).cpu())
             done += 1
         if allocation == "threshold" and not bool(active.any()):
             break
     assert bool((stage == T - 2).all()), "the quota guarantees that every chain reaches the last stage"
     while done < T:
-        _record(run, done, nfe=spent[:, done].view(P, n).sum(1).cpu())
+        _record(state, done, nfe=spent[:, done].view(P, n).sum(1).cpu())
         done += 1
-    return _result(run, method, knobs | ({} if dps_beta is None else {"dps_beta": dps_beta}),
+    return _result(state, method, knobs | ({} if dps_beta is None else {"dps_beta": dps_beta}),
                    best_ev.x0_hat, best_r)
 
 
@@ -948,24 +978,25 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
     T, guided = problem.num_steps, dps_beta is not None
     knobs = {"n": n, "init_particles": init, "quota": Q, "rollover": rollover, "allocation": allocation} | \
         ({} if threshold is None else {"threshold": threshold})
-    run = _start(problem, nfe, generator, callback, method, {"n": n, "init_particles": init})
+    state = _start(problem, nfe, generator, callback, method, {"n": n, "init_particles": init})
     P, shape = problem.num_prompts, problem.shape
     spent = torch.zeros(P, T, dtype=torch.long)  # NFE per prompt and grid index
     best_at = torch.full((P, T), -math.inf, dtype=torch.float64)  # best reward scored per prompt and grid index
     finals, final_rewards = [], []
     for p in range(P):
-        z0 = torch.randn((n * init, *shape), generator=run.gens[p], dtype=problem.dtype, device=problem.device)
+        z0 = torch.randn((n * init, *shape), generator=state.gens[p], dtype=problem.dtype, device=problem.device)
         noises = []  # the prompt's noise draws, (n, *shape) each, made when a chain first needs one
 
         def noise(j: int, chain: int) -> Tensor:
             while len(noises) <= j:
-                noises.append(torch.randn((n, *shape), generator=run.gens[p], dtype=problem.dtype,
+                noises.append(torch.randn((n, *shape), generator=state.gens[p], dtype=problem.dtype,
                                           device=problem.device))
             return noises[j][chain:chain + 1]  # (1, *shape)
 
-        def evaluate_at(x: Tensor, i: int) -> Evaluation:
-            ev = _evaluate(problem, run.counts, x, run.grid.index(i), torch.full((x.shape[0],), p, device=x.device),
-                           True, guided, prompt_cpu=torch.full((x.shape[0],), p))
+        def evaluate_chain(x: Tensor, i: int) -> Evaluation:
+            rows = torch.full((x.shape[0],), p, device=x.device)
+            ev = _evaluate_at(problem, state.counts, x, state.grid.index(i), rows, reward=True, grad=guided,
+                              prompt_cpu=torch.full((x.shape[0],), p))
             spent[p, i] += c * x.shape[0]
             best_at[p, i] = max(float(best_at[p, i]), float(ev.reward.max()))
             return ev
@@ -973,7 +1004,7 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
         for chain in range(n):
             # the chain's start: the best of its init noises by reward(x0_hat) at t = 1 (Alg. 2: one noise)
             x = z0[chain * init:(chain + 1) * init]
-            ev = evaluate_at(x, 0)
+            ev = evaluate_chain(x, 0)
             k = int(ev.reward.argmax())
             x, ev = x[k:k + 1], ev.take(torch.tensor([k], device=x.device))  # the anchor, (1, *shape)
             r_star = float(ev.reward[0])  # best accepted reward
@@ -987,8 +1018,8 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
                 accepted = False
                 for q in range(stage_quota):
                     z = noise(j, chain) if problem.g is not None else None
-                    cand = _propose(run, x, ev, i, 1, dps_beta, noise=z)
-                    cand_ev = evaluate_at(cand, i + 1)
+                    cand = _propose(state, x, ev, i, 1, dps_beta, noise=z)
+                    cand_ev = evaluate_chain(cand, i + 1)
                     j += 1
                     r = float(cand_ev.reward[0])
                     if best_ev is None or r > float(best_ev.reward[0]):
@@ -1006,10 +1037,10 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
             finals.append(ev.x0_hat)
             final_rewards.append(ev.reward)
     for i in range(T):
-        run.trace.append(StepInfo(i, run.times[i], spent[:, i].clone(), best_at[:, :i + 1].amax(1)))
+        state.trace.append(StepInfo(i, state.times[i], spent[:, i].clone(), best_at[:, :i + 1].amax(1)))
         if callback is not None:
-            callback(run.trace[-1])
-    return _result(run, method, knobs | ({} if dps_beta is None else {"dps_beta": dps_beta}),
+            callback(state.trace[-1])
+    return _result(state, method, knobs | ({} if dps_beta is None else {"dps_beta": dps_beta}),
                    torch.cat(finals), torch.cat(final_rewards))
 
 
@@ -1067,7 +1098,10 @@ def min_nfe(method: str, problem: Problem, **knobs) -> int:
     knobs = {name: params[name].default for name in params if params[name].kind == params[name].KEYWORD_ONLY} | \
         _knobs(method, knobs)
     T, e = problem.num_steps, problem.lookahead_nfe  # e: extra NFE of one scored particle
-    size = lambda name: _positive(method, name, knobs[name])  # noqa: E731
+
+    def size(name: str) -> int:
+        return _positive(method, name, knobs[name])
+
     if method == "none":
         return T + e
     elif method == "bon":

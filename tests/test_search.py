@@ -352,8 +352,8 @@ def test_the_grid_step_is_sdes_euler_maruyama_step(dynamics):
     x = torch.randn(3, 2, generator=gen(19), dtype=torch.float64)
     z = torch.randn(3, 2, generator=gen(20), dtype=torch.float64)
     for i in (0, 3, 8):
-        ev = search._evaluate(pb, state.counts, x, state.grid.index(i), torch.zeros(3, dtype=torch.long),
-                              reward=False, grad=False)
+        ev = search._evaluate_at(pb, state.counts, x, state.grid.index(i), torch.zeros(3, dtype=torch.long),
+                                 reward=False, grad=False)
         step = search._propose(state, x, ev, i, 3, None, noise=z)
         g = pb.g if pb.g is not None else sde.DiffusionCoefficient("zero")
         expect = sde.euler_maruyama_step(x, ev.u_t, state.grid.t[i], state.grid.t[i + 1], pb.path, g, noise=z)
