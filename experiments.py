@@ -111,7 +111,7 @@ class BenchConfig:
     rbf_knobs: dict = field(default_factory=dict)  # --allocation / --threshold, for rbf and rbf+dps only
     reward_fn: object = None  # a plugin's reward object (--reward module:NAME); None: the built-in `reward`
     placement: dict = field(default_factory=dict)  # load_pipeline's device, dtype, offload, compile (this rank's)
-    max_batch: int = 64  # latents per velocity call
+    max_batch: int = search.MAX_BATCH  # latents per velocity call
 
 
 @dataclass
@@ -448,7 +448,7 @@ def _execute_rounds(cfg: BenchConfig, pipe: flowscale.Pipeline, pending: list[Un
 
 @torch.no_grad()
 def diversity(pipe: flowscale.Pipeline, prompts: list[str], *, steps: int, branch_step: int, samples: int,
-              seed: int = 0) -> dict[str, list[float]]:
+              seed: int = 0, max_batch: int = search.MAX_BATCH) -> dict[str, list[float]]:
     """Mean pairwise L2 distance of `samples` decoded x0 branched from one x_t, per prompt and dynamics.
 
     Per prompt, one trajectory starts from a seeded noise and follows the path's ODE (deterministic,
@@ -470,13 +470,14 @@ def diversity(pipe: flowscale.Pipeline, prompts: list[str], *, steps: int, branc
                                  time_shift=pipe.time_shift, device=pipe.device)
         ts = search.grid_times(problem).float().to(pipe.device)  # the searches' grid (FLUX.1-dev: shifted)
 
-        def velocity(x, t, prompt):  # the sampled path's velocity (Eq. 11 for VP), 16 latents a call
+        def velocity(x, t, prompt):  # the sampled path's velocity (Eq. 11 for VP), max_batch latents a call
             out = []
-            for lo in range(0, len(x), 16):
-                model = functools.partial(model_velocity, prompt=prompt[lo:lo + 16])
+            for lo in range(0, len(x), max_batch):
+                rows = slice(lo, lo + max_batch)
+                model = functools.partial(model_velocity, prompt=prompt[rows])
                 if dynamics == "vp-sde":
                     model = sde.convert_velocity(model, sde.LinearInterpolant(), problem.path)
-                out.append(model(x[lo:lo + 16], t[lo:lo + 16]))
+                out.append(model(x[rows], t[rows]))
             return torch.cat(out)
 
         x, ids = eps.clone(), torch.arange(P, device=pipe.device)
@@ -510,7 +511,8 @@ def cached_diversity(cfg: BenchConfig, get_pipe) -> dict:
         except (ValueError, KeyError, TypeError) as e:  # a cache: a damaged one is measured again
             print(f"bench: {path} is damaged ({type(e).__name__}: {e}); measuring the diversity again", file=sys.stderr)
     saved = {"settings": settings, "distances": diversity(get_pipe(), settings["prompts"], steps=cfg.steps,
-                                                          branch_step=cfg.diversity_step, samples=cfg.diversity_samples)}
+                                                          branch_step=cfg.diversity_step, samples=cfg.diversity_samples,
+                                                          max_batch=cfg.max_batch)}
     flowscale.write_atomic(path, json.dumps(saved, indent=2) + "\n")
     return saved
 

@@ -395,7 +395,7 @@ def decode(pipe: Pipeline, z: torch.Tensor) -> torch.Tensor:
 
 
 def make_problem(pipe: Pipeline, cond: Conditioning, reward, *, dynamics: str = "vp-sde",
-                 num_steps: int = 10, max_batch: int = 64, lookahead: str = "tweedie") -> search.Problem:
+                 num_steps: int = 10, max_batch: int = search.MAX_BATCH, lookahead: str = "tweedie") -> search.Problem:
     """The search problem of P prompts: the counted velocity and reward(decode(x0_hat))."""
     prompts = cond.prompts
 
@@ -456,7 +456,7 @@ def heldout_metrics(images: torch.Tensor, prompts: list[str], counter: R.Learned
 
 def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamics: str = "vp-sde",
              nfe: int = 200, num_steps: int = 10, reward: str | R.Reward = "counting", seed: int = 0,
-             callback=None, progress: bool = False, lookahead: str = "tweedie", max_batch: int = 64,
+             callback=None, progress: bool = False, lookahead: str = "tweedie", max_batch: int = search.MAX_BATCH,
              **knobs) -> Generation:
     """Run one search method for each prompt with a budget of `nfe` velocity evaluations per prompt.
 
@@ -966,7 +966,7 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
                         "reward model on one 24-48 GB GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the velocity network (the first calls "
                                                           "compile it: worth it for long searches)")
-    p.add_argument("--max-batch", type=int, default=64,
+    p.add_argument("--max-batch", type=int, default=search.MAX_BATCH,
                    help="latents per velocity call (activation memory: 1-4 for FLUX.1 at 1024^2 on a 24-48 GB GPU)")
 
 

@@ -80,6 +80,7 @@ DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
 METHODS = ("none", "bon", "sop", "smc", "code", "svdd", "rbf", "dps", "svdd+dps", "rbf+dps")  # "none": plain sampler
 DPS_METHODS = ("dps", "svdd+dps", "rbf+dps")  # the methods with gradient guidance (need a differentiable reward)
 ALLOCATIONS = ("rollover", "uniform", "threshold")  # how rbf spends its budget over the steps
+MAX_BATCH = 64  # default cap on rows per velocity / reward call (activation memory); every default is this one
 DPS_BETA = 0.1  # default reward temperature of the guided methods, as App. F.2 (guidance strength 1 / beta)
 
 # -----------------------------------------------------------------------------------------------
@@ -88,8 +89,10 @@ DPS_BETA = 0.1  # default reward temperature of the guided methods, as App. F.2 
 
 @dataclass
 class Problem:
-    """One search problem: a flow model, a reward and the dynamics to sample with (shared by every method)."""
+    """One search problem: a flow model, a reward and the dynamics to sample with (shared by every method).
+    Three groups of fields: the model and the reward; the sampler (Sec. 4, App. C); where and how it runs."""
 
+    # --- the model and the reward
     # u = velocity(x (B, *shape), t (B,), prompt (B,) long) of the MODEL's own linear path; one row = one NFE
     velocity: Callable[[Tensor, Tensor, Tensor], Tensor]
     # r = reward(x0 (B, *shape), prompt (B,)) -> (B,), higher is better; decoding latents is the caller's business
@@ -98,6 +101,7 @@ class Problem:
     num_prompts: int = 1  # P: independent searches run together, each with its own budget
     reward_name: str = "reward"  # names the reward in error messages
     differentiable: bool = False  # the reward can be back-propagated (needed by the dps methods)
+    # --- the sampler: the dynamics, its grid and diffusion, and how a particle is valued
     dynamics: str = "vp-sde"  # "linear-ode" | "linear-sde" | "vp-sde" (Sec. 4, Table 1)
     num_steps: int = 10  # T denoising steps (paper: 10)
     time_grid: str = "exp"  # "exp" (App. C, official code) or "uniform", in the time of the sampled path
@@ -107,8 +111,9 @@ class Problem:
     time_shift: float | None = None
     diffusion: str = "square"  # shape of g(t), an sde.DiffusionCoefficient kind (SDE dynamics only)
     diffusion_norm: float = 3.0  # scale of g(t): "square" with 3.0 is the paper's g = 3 t^2 (App. F.1)
-    max_batch: int = 256  # at most this many rows per velocity / reward call (memory)
     lookahead: str = "tweedie"  # value of a particle: "tweedie" (Eq. 19) or "ode:K" (K Euler steps to t = 0)
+    # --- where and how it runs (no effect on the result beyond rounding)
+    max_batch: int = MAX_BATCH  # at most this many rows per velocity / reward call (memory)
     dtype: torch.dtype = torch.float32  # dtype of the particles
     # device of the particles, their noise (drawn by generators on this device) and the search's
     # bookkeeping; the NFE counters stay on the CPU (they follow from the layout, not from device data)
@@ -831,7 +836,7 @@ def svdd(problem: Problem, nfe: int, *, generator: torch.Generator, callback=Non
         _need_gradients(problem, dps_beta)
     method = "svdd" if dps_beta is None else "svdd+dps"
     knobs = {"n": n, "k": k} | ({} if dps_beta is None else {"dps_beta": dps_beta})
-    state = _start(problem, nfe, generator, callback, method, {"n": n, "k": k})
+    state = _start(problem, nfe, generator, callback, method, knobs)
     ev = _blockwise(state, n, k, 1, dps_beta)
     return _result(state, method, knobs, ev.x0_hat, ev.reward)
 
@@ -857,6 +862,14 @@ def _rbf_sizes(nfe: int, problem: Problem, n: int, init_particles: int | None, a
     if init is None:
         init = max(1, min(nfe // (10 * n * c), (nfe - n * c * (T - 1)) // (n * c)))
     return init, (nfe - n * init * c) // (n * (T - 1) * c), c, (nfe - n * init * c) // (n * c)
+
+
+def _rbf_knobs(n: int, init: int, rollover: bool, allocation: str, threshold: float | None,
+               dps_beta: float | None) -> dict:
+    """The knobs of one rbf / rbf_reference call (init_particles resolved): what the budget is checked
+    with and what the result records, with the derived quota."""
+    return {"n": n, "init_particles": init, "rollover": rollover, "allocation": allocation} | \
+        ({} if threshold is None else {"threshold": threshold}) | ({} if dps_beta is None else {"dps_beta": dps_beta})
 
 
 def _rbf_check(problem: Problem, n: int, dps_beta: float | None) -> tuple[int, str]:
@@ -897,9 +910,8 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     n, method = _rbf_check(problem, n, dps_beta)
     init, Q, c, draws = _rbf_sizes(nfe, problem, n, init_particles, allocation, threshold)
     T, guided = problem.num_steps, dps_beta is not None
-    knobs = {"n": n, "init_particles": init, "quota": Q, "rollover": rollover, "allocation": allocation} | \
-        ({} if threshold is None else {"threshold": threshold})
-    state = _start(problem, nfe, generator, callback, method, {"n": n, "init_particles": init})
+    knobs = _rbf_knobs(n, init, rollover, allocation, threshold, dps_beta)
+    state = _start(problem, nfe, generator, callback, method, knobs)
     P, R = problem.num_prompts, problem.num_prompts * n
     x = _noise(state, n * init)  # (P * n * init, *shape)
     ev = _evaluate_layout(state, x, 0, n * init, reward=True, grad=guided)
@@ -956,8 +968,7 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     while done < T:
         _record(state, done, nfe=spent[:, done].view(P, n).sum(1).cpu())
         done += 1
-    return _result(state, method, knobs | ({} if dps_beta is None else {"dps_beta": dps_beta}),
-                   best_ev.x0_hat, best_r)
+    return _result(state, method, knobs | {"quota": Q}, best_ev.x0_hat, best_r)
 
 
 @torch.no_grad()
@@ -976,9 +987,8 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
     n, method = _rbf_check(problem, n, dps_beta)
     init, Q, c, draws = _rbf_sizes(nfe, problem, n, init_particles, allocation, threshold)
     T, guided = problem.num_steps, dps_beta is not None
-    knobs = {"n": n, "init_particles": init, "quota": Q, "rollover": rollover, "allocation": allocation} | \
-        ({} if threshold is None else {"threshold": threshold})
-    state = _start(problem, nfe, generator, callback, method, {"n": n, "init_particles": init})
+    knobs = _rbf_knobs(n, init, rollover, allocation, threshold, dps_beta)
+    state = _start(problem, nfe, generator, callback, method, knobs)
     P, shape = problem.num_prompts, problem.shape
     spent = torch.zeros(P, T, dtype=torch.long)  # NFE per prompt and grid index
     best_at = torch.full((P, T), -math.inf, dtype=torch.float64)  # best reward scored per prompt and grid index
@@ -1040,8 +1050,7 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
         state.trace.append(StepInfo(i, state.times[i], spent[:, i].clone(), best_at[:, :i + 1].amax(1)))
         if callback is not None:
             callback(state.trace[-1])
-    return _result(state, method, knobs | ({} if dps_beta is None else {"dps_beta": dps_beta}),
-                   torch.cat(finals), torch.cat(final_rewards))
+    return _result(state, method, knobs | {"quota": Q}, torch.cat(finals), torch.cat(final_rewards))
 
 
 # -----------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ class Clock:
         self.model += time.perf_counter() - self._start
 
 
-def make_problem(clock: Clock, hidden: int, repeat: int, dynamics: str, lookahead: str = "tweedie") -> search.Problem:
+def make_problem(clock: Clock, hidden: int, repeat: int, dynamics: str, lookahead: str = "tweedie",
+                 num_steps: int = 10) -> search.Problem:
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 64))
     mlp.requires_grad_(False)
@@ -72,7 +73,7 @@ def make_problem(clock: Clock, hidden: int, repeat: int, dynamics: str, lookahea
         return r
 
     return search.Problem(velocity, reward, (16, 64), reward_name="distance", differentiable=True,
-                          dynamics=dynamics, lookahead=lookahead)
+                          dynamics=dynamics, lookahead=lookahead, num_steps=num_steps)
 
 
 def calibrate(hidden: int, ms: float) -> int:
@@ -101,6 +102,7 @@ def main():
     parser.add_argument("--methods", default=",".join(search.METHODS), help="comma list of search.METHODS")
     parser.add_argument("--allocation", default="rollover", help="rbf / rbf+dps: " + " | ".join(search.ALLOCATIONS))
     parser.add_argument("--lookahead", default="tweedie", help="tweedie | ode:K (methods with dps: tweedie only)")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps T (the plain sampler spends T NFE)")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     if any(m not in search.METHODS for m in methods) or args.allocation not in ("rollover", "uniform"):
@@ -122,7 +124,7 @@ def main():
         rows = []
         for _ in range(args.runs):
             clock = Clock()
-            pb = make_problem(clock, args.hidden, repeat, dynamics, lookahead)
+            pb = make_problem(clock, args.hidden, repeat, dynamics, lookahead, args.steps)
             calls = [0]
             velocity = pb.velocity
 
