@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from model import (CLIP, CLIP_IMAGE_STD, CLIP_VISION_CONFIGS, CLIPVision, CLIPVisionConfig, clip_preprocess)
 from checkpoints import (CheckpointError, clip_from_transformers, load_clip, load_clip_vision)
-from tiny import randomise_vectors, max_diff
+from tiny import clip_ids, max_diff, randomise_vectors
 
 transformers = pytest.importorskip("transformers")
 
@@ -68,17 +68,6 @@ def save_quietly(model, folder, **kw) -> None:
 def pixels(B: int, seed: int, size: int = 32) -> torch.Tensor:
     """Normalised pixel values as clip_preprocess makes them, roughly N(0, 1)."""
     return torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def clip_ids(B: int, L: int, vocab: int, seed: int) -> torch.Tensor:
-    """As the tokenizer makes them: BOS, content, EOS, EOS padding; BOS = vocab - 2, EOS = vocab - 1."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((B, L), vocab - 1)
-    for b in range(B):
-        n = int(torch.randint(0, L - 1, (), generator=g))
-        ids[b, 0] = vocab - 2
-        ids[b, 1:1 + n] = torch.randint(0, vocab - 2, (n,), generator=g)
-    return ids
 
 
 def features(out) -> torch.Tensor:

@@ -25,6 +25,17 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def clip_ids(B: int, L: int, vocab: int, seed: int) -> torch.Tensor:
+    """As the tokenizer makes them: BOS, content, EOS, EOS padding; BOS = vocab-2, EOS = vocab-1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((B, L), vocab - 1)
+    for b in range(B):
+        n = int(torch.randint(0, max(L - 1, 1), (), generator=g))  # content tokens; EOS at n + 1 (or cut)
+        ids[b, 0] = vocab - 2
+        ids[b, 1:1 + n] = torch.randint(0, vocab - 2, (n,), generator=g)
+    return ids
+
+
 def write_tiny_shape_model(folder: Path) -> Path:
     """A random mini-FLUX folder with the files and flowscale.json that train.py writes (tiny sizes).
 
