@@ -137,11 +137,10 @@ def main():
             res = search.run(method, pb, args.nfe, generator=torch.Generator().manual_seed(0), **knobs)
             wall = time.perf_counter() - start
             rows.append((wall, clock.model, int(res.nfe_used[0]), calls[0], res.seconds))
-        median = lambda f: statistics.median(f(r) for r in rows)  # noqa: E731
-        wall, model = median(lambda r: r[0]), median(lambda r: r[1])
+        wall, model = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
         over = wall - model
         nfe, calls = rows[0][2], rows[0][3]
-        sv, sr, so = (median(lambda r, k=k: r[4][k]) for k in ("velocity", "reward", "other"))
+        sv, sr, so = (statistics.median(r[4][k] for r in rows) for k in ("velocity", "reward", "other"))
         print(f"| {method} | {dynamics} | {nfe} | {calls} | {1e3 * wall:.0f} | {1e3 * model:.0f} | {1e3 * over:.1f} | "
               f"{100 * over / wall:.1f} | {1e6 * over / nfe:.0f} | {1e3 * sv:.0f} | {1e3 * sr:.1f} | "
               f"{1e3 * so:.1f} ({100 * so / (sv + sr + so):.1f}) |")

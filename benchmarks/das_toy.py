@@ -96,8 +96,11 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     target, target_modes = tilted_target()
-    modes = lambda w: " / ".join(f"{float(w[k]):.2f}" for k in TARGET_MODES) + \
-        f" / {float(1 - w[list(TARGET_MODES)].sum()):.2f}"  # noqa: E731
+
+    def modes(w: torch.Tensor) -> str:  # the three target modes' weights, then the rest's
+        rest = float(1 - w[list(TARGET_MODES)].sum())
+        return " / ".join(f"{float(w[k]):.2f}" for k in TARGET_MODES) + f" / {rest:.2f}"
+
     print(f"target (closed form): mean reward {target:.4f}, mode weights {modes(target_modes)}; "
           f"base (data): {base_mean_reward():.4f}\n")
     print(f"{args.nfe} NFE per search, {args.runs} searches per method, Linear-SDE, 50 uniform steps\n")

@@ -116,10 +116,10 @@ def tiny_pipeline(folder: Path) -> flowscale.Pipeline:
 
 
 def flux_outputs(pipe: flowscale.Pipeline, method: str, dynamics: str) -> dict:
-    gen = flowscale.generate(pipe, FLUX_PROMPTS, method=method, dynamics=dynamics, nfe=FLUX_NFE,
-                             num_steps=FLUX_STEPS, reward=RedMinusBlue(), seed=5)
-    x0 = gen.result.x0.double()
-    return {"reward": gen.reward, "nfe_used": gen.nfe_used,
+    generation = flowscale.generate(pipe, FLUX_PROMPTS, method=method, dynamics=dynamics, nfe=FLUX_NFE,
+                                    num_steps=FLUX_STEPS, reward=RedMinusBlue(), seed=5)
+    x0 = generation.result.x0.double()
+    return {"reward": generation.reward, "nfe_used": generation.nfe_used,
             "x0_sum": x0.flatten(1).sum(1).tolist(), "x0_abs_sum": x0.abs().flatten(1).sum(1).tolist()}
 
 

@@ -310,12 +310,12 @@ def test_seeded_real_path_output_is_pinned(repos):
     pipe = flowscale.load_pipeline(repos["schnell"].folder, height=H, width=W, dtype=torch.float32)
     digests = []
     for _ in range(2):
-        gen = flowscale.generate(pipe, [PROMPT], method="rbf", dynamics="vp-sde", nfe=12, num_steps=3, seed=1,
-                                 reward=MeanBrightness())
-        digests.append(hashlib.sha256(gen.result.x0.float().contiguous().numpy().tobytes()).hexdigest())
+        generation = flowscale.generate(pipe, [PROMPT], method="rbf", dynamics="vp-sde", nfe=12, num_steps=3, seed=1,
+                                        reward=MeanBrightness())
+        digests.append(hashlib.sha256(generation.result.x0.float().contiguous().numpy().tobytes()).hexdigest())
     assert digests[0] == digests[1]
-    assert gen.reward == [pytest.approx(0.5608893632888794, rel=1e-4)], digests[0][:16]
-    assert gen.images.device.type == "cpu" and pipe.device == torch.device("cpu")
+    assert generation.reward == [pytest.approx(0.5608893632888794, rel=1e-4)], digests[0][:16]
+    assert generation.images.device.type == "cpu" and pipe.device == torch.device("cpu")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
