@@ -248,12 +248,12 @@ class _At:
     """Path time t and the coefficients every step needs there; fields of shape () or (B,), or (T + 1,) on a grid."""
 
     t: Tensor  # time on the sampled path
-    c: sde.Coeffs  # the path's alpha_t, sigma_t and derivatives
+    coeffs: sde.Coeffs  # the path's alpha_t, sigma_t and derivatives
     conv: sde.ConversionCoeffs | None  # Linear -> VP time change t_s and scale c_s (Eqs. 10-11), vp-sde only
 
     def index(self, idx) -> _At:
         """The same times indexed by idx (int, slice or tensor); fields of shape () stay."""
-        c, v = self.c, self.conv
+        c, v = self.coeffs, self.conv
         coeffs = sde.Coeffs(_pick(c.alpha_t, idx), _pick(c.sigma_t, idx), _pick(c.d_alpha_t, idx),
                             _pick(c.d_sigma_t, idx))
         conv = None if v is None else sde.ConversionCoeffs(_pick(v.t_s, idx), _pick(v.c_s, idx), _pick(v.d_t_s, idx),
@@ -371,7 +371,7 @@ def _evaluate_at(problem: Problem, counts: Counts, x_t: Tensor, at: _At, prompt:
             if grad:
                 x = x.detach().requires_grad_(True)
             u_t, u = _path_velocity(problem, counts, x, at_rows, p)
-            x0_hat = sde.x0_hat_from_velocity(u_t, x, at_rows.c)  # Tweedie, in the sampled path's coefficients
+            x0_hat = sde.x0_hat_from_velocity(u_t, x, at_rows.coeffs)  # Tweedie, in the sampled path's coefficients
             if not torch.isfinite(x0_hat).all():  # finite u and x can still overflow here
                 raise ValueError("x0_hat became NaN or inf (the particles or the velocity are too large to combine)")
             if scored and problem.lookahead_nfe:
@@ -461,7 +461,7 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     g = problem.g(ts) if problem.g is not None else torch.zeros_like(ts)
     counts = new_counts(P, nfe)
     best = torch.full((P,), -math.inf, device=problem.device)
-    return _State(problem, grid, g, sde.guidance_factor(grid.c, g), counts, gens, callback, [], best,
+    return _State(problem, grid, g, sde.guidance_factor(grid.coeffs, g), counts, gens, callback, [], best,
                 counts.nfe.clone(), start=start, times=ts.tolist())
 
 
@@ -579,7 +579,7 @@ def _propose(state: _State, x: Tensor, ev: Evaluation, i: Tensor | int, n: int, 
     if state.problem.g is None:
         x_next = sde.euler_step(x, ev.u_t, now.t, t_next)
     else:
-        x_next = sde.euler_maruyama(x, ev.u_t, now.c, _col(state.g[i], x), _col(now.t - t_next, x),
+        x_next = sde.euler_maruyama(x, ev.u_t, now.coeffs, _col(state.g[i], x), _col(now.t - t_next, x),
                                     _noise(state, n) if noise is None else noise)
     if dps_beta is not None:
         dt = _col(now.t - t_next, x)  # > 0, backward in time
@@ -594,12 +594,12 @@ def _result(state: _State, method: str, knobs: dict, x0: Tensor, r: Tensor,
     x0, r = x0.reshape(P, -1, *shape), r.reshape(P, -1)  # (P, n, *shape), (P, n)
     best = r.argmax(1)
     ar = torch.arange(P, device=r.device)
-    c = state.counts
+    counts = state.counts
     lw = None if log_w is None else torch.log_softmax(log_w.view(P, -1), 1)
     wall = time.perf_counter() - state.start
-    seconds = dict(c.seconds) | {"other": max(wall - c.seconds["velocity"] - c.seconds["reward"], 0.0)}
-    return SearchResult(x0[ar, best], r[ar, best], c.nfe.clone(), c.reward_calls.clone(), c.backward_calls.clone(),
-                        x0, r, lw, state.trace, method, knobs, seconds)
+    seconds = dict(counts.seconds) | {"other": max(wall - counts.seconds["velocity"] - counts.seconds["reward"], 0.0)}
+    return SearchResult(x0[ar, best], r[ar, best], counts.nfe.clone(), counts.reward_calls.clone(),
+                        counts.backward_calls.clone(), x0, r, lw, state.trace, method, knobs, seconds)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -847,8 +847,8 @@ def svdd(problem: Problem, nfe: int, *, generator: torch.Generator, callback=Non
 
 def _rbf_sizes(nfe: int, problem: Problem, n: int, init_particles: int | None, allocation: str,
                threshold: float | None) -> tuple[int, int, int, int]:
-    """(init, Q, c, draws): initial noises per chain (given, or 10% of the budget as the official code:
-    25 per chain of 2 at 500), the quota Q per stage, the NFE c of one scored particle (1 + the
+    """(init, Q, cost, draws): initial noises per chain (given, or 10% of the budget as the official code:
+    25 per chain of 2 at 500), the quota Q per stage, the NFE `cost` of one scored particle (1 + the
     lookahead's K - 1) and the candidates every chain may draw in all (Alg. 2's budget, per chain)."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"rbf: allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
@@ -857,11 +857,11 @@ def _rbf_sizes(nfe: int, problem: Problem, n: int, init_particles: int | None, a
                          if threshold is None else "rbf: threshold= is only used with allocation='threshold'")
     if threshold is not None and not math.isfinite(threshold):
         raise ValueError(f"rbf: threshold must be a finite reward level, got {threshold!r}")
-    T, c = problem.num_steps, 1 + problem.lookahead_nfe
+    T, cost = problem.num_steps, 1 + problem.lookahead_nfe
     init = init_particles
     if init is None:
-        init = max(1, min(nfe // (10 * n * c), (nfe - n * c * (T - 1)) // (n * c)))
-    return init, (nfe - n * init * c) // (n * (T - 1) * c), c, (nfe - n * init * c) // (n * c)
+        init = max(1, min(nfe // (10 * n * cost), (nfe - n * cost * (T - 1)) // (n * cost)))
+    return init, (nfe - n * init * cost) // (n * (T - 1) * cost), cost, (nfe - n * init * cost) // (n * cost)
 
 
 def _rbf_knobs(n: int, init: int, rollover: bool, allocation: str, threshold: float | None,
@@ -908,7 +908,7 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     With dps_beta every candidate is a guided step and carries its gradient ("RBF+DPS", Table 2).
     `rbf_reference` is the same algorithm one chain at a time (test: identical on random rewards)."""
     n, method = _rbf_check(problem, n, dps_beta)
-    init, Q, c, draws = _rbf_sizes(nfe, problem, n, init_particles, allocation, threshold)
+    init, Q, cost, draws = _rbf_sizes(nfe, problem, n, init_particles, allocation, threshold)
     T, guided = problem.num_steps, dps_beta is not None
     knobs = _rbf_knobs(n, init, rollover, allocation, threshold, dps_beta)
     state = _start(problem, nfe, generator, callback, method, knobs)
@@ -933,7 +933,7 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
         cand_ev = _evaluate_layout(state, cand, stage + 1, n, reward=True, grad=guided,
                         mask=active if allocation == "threshold" else None)
         drawn += active
-        spent[chains, stage + 1] += c * active
+        spent[chains, stage + 1] += cost * active
         better = active & (cand_ev.reward > best_r)
         best_x = _where_rows(better, cand, best_x)
         best_ev, best_r = _where(better, cand_ev, best_ev), torch.where(better, cand_ev.reward, best_r)
@@ -985,7 +985,7 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
     batched `rbf` draws the noise of all chains of a prompt together. Trace entries: the NFE spent at
     each grid index, and the best reward scored at that grid index or before."""
     n, method = _rbf_check(problem, n, dps_beta)
-    init, Q, c, draws = _rbf_sizes(nfe, problem, n, init_particles, allocation, threshold)
+    init, Q, cost, draws = _rbf_sizes(nfe, problem, n, init_particles, allocation, threshold)
     T, guided = problem.num_steps, dps_beta is not None
     knobs = _rbf_knobs(n, init, rollover, allocation, threshold, dps_beta)
     state = _start(problem, nfe, generator, callback, method, knobs)
@@ -1007,7 +1007,7 @@ def rbf_reference(problem: Problem, nfe: int, *, generator: torch.Generator, cal
             rows = torch.full((x.shape[0],), p, device=x.device)
             ev = _evaluate_at(problem, state.counts, x, state.grid.index(i), rows, reward=True, grad=guided,
                               prompt_cpu=torch.full((x.shape[0],), p))
-            spent[p, i] += c * x.shape[0]
+            spent[p, i] += cost * x.shape[0]
             best_at[p, i] = max(float(best_at[p, i]), float(ev.reward.max()))
             return ev
 
