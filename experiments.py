@@ -568,13 +568,29 @@ def _percent(value: Stat, base: Stat | None) -> str:
     return f" ({100 * (value.mean - base.mean) / abs(base.mean):+.1f}%)"
 
 
-def _diff(a: Stat, b: Stat) -> str:
-    """'a - b = d ± se' with a verdict; se of the difference treats a and b as independent (conservative
-    for the paired prompts and seeds here)."""
-    d, se = a.mean - b.mean, math.sqrt((0 if math.isnan(a.se) else a.se**2) + (0 if math.isnan(b.se) else b.se**2))
-    verdict = "yes" if d > 0 else "no" if d < 0 else "tie"
-    noise = " (more than 2 se)" if se > 0 and abs(d) > 2 * se else " (within 2 se)" if se > 0 else ""
-    return f"{verdict}: {d:+.3f} ± {se:.3f}{noise}"
+def by_setting(rows: list[dict]) -> dict[tuple[str, str, int], dict[tuple[int, int], dict]]:
+    """The rows of every (method, dynamics, NFE), keyed by (prompt_id, seed): the pairs of a paired comparison."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["method"], r["dynamics"], int(r["nfe"])), {})[int(r["prompt_id"]), int(r["seed"])] = r
+    return out
+
+
+def paired(by: dict, a: tuple[str, str, int], b: tuple[str, str, int], metric: str = "given_reward") -> Stat:
+    """Mean and standard error of metric(a) - metric(b) over the (prompt, seed) pairs that both settings
+    ran: each prompt and seed is its own control, so the spread between prompts cancels."""
+    ra, rb = by.get(a, {}), by.get(b, {})
+    return mean_se([float(ra[k][metric]) - float(rb[k][metric]) for k in sorted(set(ra) & set(rb))
+                    if ra[k][metric] and rb[k][metric]])
+
+
+def verdict(d: Stat) -> str:
+    """'yes' / 'no' when a paired difference d lies more than 2 standard errors above / below 0, else
+    'inconclusive' (the rule fixed before any run: about a 5% two-sided test)."""
+    if d.n < 2 or math.isnan(d.se):
+        return f"inconclusive: {d.mean:+.3f}, n = {d.n}"
+    word = "yes" if d.mean > 2 * d.se else "no" if d.mean < -2 * d.se else "inconclusive"
+    return f"{word}: {d.mean:+.3f} ± {d.se:.3f} (paired, n = {d.n})"
 
 
 def _negated(a: Stat) -> Stat:
@@ -611,45 +627,46 @@ def table45(cfg: BenchConfig, s: dict) -> list[str]:
     return lines
 
 
-def claims(cfg: BenchConfig, s: dict, div: dict) -> list[str]:
-    """One verdict per claim of the issue, from the measured means (n/a where a run is missing)."""
+def claims(cfg: BenchConfig, s: dict, rows: list[dict], div: dict) -> list[str]:
+    """One verdict per claim of the paper, each from paired differences over (prompt, seed) (n/a where a
+    run is missing); `s` (the means) only picks the strongest rival of claim 3."""
+    by, top, out = by_setting(rows), max(cfg.nfe), []
 
-    def g(m: str, d: str, n: int) -> Stat | None:  # the given reward of (method, dynamics, NFE), if it ran
-        return s[m, d, n].stats["given_reward"] if (m, d, n) in s else None
+    def ran(*settings) -> bool:
+        return all(k in by for k in settings)
 
-    top, out = max(cfg.nfe), []
     out.append(f"1. SDE conversion beats the same method's Linear-ODE (given reward, NFE {top}):")
-    out += [f"   - {LABEL[m]} {ABBR[d]} vs L.O.: {_diff(g(m, d, top), g(m, 'linear-ode', top))}"
-            for m in PARTICLE_METHODS for d in ("linear-sde", "vp-sde") if g(m, d, top) and g(m, "linear-ode", top)]
+    out += [f"   - {LABEL[m]} {ABBR[d]} vs L.O.: {verdict(paired(by, (m, d, top), (m, 'linear-ode', top)))}"
+            for m in PARTICLE_METHODS for d in ("linear-sde", "vp-sde") if ran((m, d, top), (m, "linear-ode", top))]
     out.append(f"2. VP-SDE beats Linear-SDE (given reward, NFE {top}), and is more diverse from one x_t:")
-    out += [f"   - {LABEL[m]} V.S. vs L.S.: {_diff(g(m, 'vp-sde', top), g(m, 'linear-sde', top))}"
-            for m in PARTICLE_METHODS if g(m, "vp-sde", top) and g(m, "linear-sde", top)]
-    dist = {k: mean_se(v) for k, v in div.get("distances", {}).items()}
-    if len(dist) == 2:
-        out.append(f"   - diversity V.S. vs L.S. (mean pairwise L2): {_diff(dist['vp-sde'], dist['linear-sde'])}")
+    out += [f"   - {LABEL[m]} V.S. vs L.S.: {verdict(paired(by, (m, 'vp-sde', top), (m, 'linear-sde', top)))}"
+            for m in PARTICLE_METHODS if ran((m, "vp-sde", top), (m, "linear-sde", top))]
+    dist = div.get("distances", {})
+    if len(dist) == 2:  # paired over the prompts (one branch point each)
+        d = mean_se([v - l for v, l in zip(dist["vp-sde"], dist["linear-sde"])])
+        out.append(f"   - diversity V.S. vs L.S. (mean pairwise L2, per prompt): {verdict(d)}")
     out.append("3. RBF on VP-SDE is the best method at equal NFE, and keeps improving where BoN plateaus:")
     for n in cfg.nfe:
-        rivals = {(m, d): g(m, d, n) for m in cfg.methods for d in cfg.dynamics
-                  if m not in ("none", "rbf+dps") and (m, d) != ("rbf", "vp-sde") and g(m, d, n)}
-        if g("rbf", "vp-sde", n) and rivals:
-            (m, d), best = max(rivals.items(), key=lambda kv: kv[1].mean)
-            out.append(f"   - NFE {n}: RBF V.S. vs the best other ({LABEL[m]} {ABBR[d]}): {_diff(g('rbf', 'vp-sde', n), best)}")
+        rivals = [(m, d, n) for m in cfg.methods for d in cfg.dynamics
+                  if m not in ("none", "rbf+dps") and (m, d) != ("rbf", "vp-sde") and (m, d, n) in s]
+        if ran(("rbf", "vp-sde", n)) and rivals:
+            m, d, _ = max(rivals, key=lambda k: s[k].stats["given_reward"].mean)
+            out.append(f"   - NFE {n}: RBF V.S. vs the best other by mean ({LABEL[m]} {ABBR[d]}): "
+                       f"{verdict(paired(by, ('rbf', 'vp-sde', n), (m, d, n)))}")
     for m, d in (("rbf", "vp-sde"), ("bon", "linear-ode")):
-        curve = [(n, g(m, d, n)) for n in cfg.nfe if g(m, d, n)]
+        curve = [n for n in cfg.nfe if ran((m, d, n))]
         if len(curve) >= 2:
-            out.append(f"   - {LABEL[m]} {ABBR[d]} from NFE {curve[-2][0]} to {curve[-1][0]}: improves? "
-                       f"{_diff(curve[-1][1], curve[-2][1])}; curve " + ", ".join(f"{n}: {v.mean:.3f}" for n, v in curve))
-    guided = [d for d in cfg.dynamics if all(("rbf+dps", d, top) in s and (m, d, top) in s for m in ("dps", "svdd+dps"))]
+            out.append(f"   - {LABEL[m]} {ABBR[d]} from NFE {curve[-2]} to {curve[-1]}: improves? "
+                       f"{verdict(paired(by, (m, d, curve[-1]), (m, d, curve[-2])))}; curve "
+                       + ", ".join(f"{n}: {s[m, d, n].stats['given_reward'].mean:.3f}" for n in curve))
+    guided = [d for d in cfg.dynamics if ran(*[(m, d, top) for m in ("rbf+dps", "dps", "svdd+dps")])]
     if guided:
         d = "vp-sde" if "vp-sde" in guided else guided[0]
         out.append(f"4. RBF+DPS beats DPS and SVDD+DPS ({ABBR[d]}, NFE {top}), on the given and the held-out exact metrics:")
-
-        def held(m: str, metric: str) -> Stat:  # -RSS so that larger is better for every metric
-            return s[m, d, top].stats[metric] if metric != "rss" else _negated(s[m, d, top].stats["rss"])
-
         for metric, name in (("given_reward", "given reward"), ("accuracy", "held-out accuracy"), ("rss", "held-out −RSS")):
             for m in ("dps", "svdd+dps"):
-                out.append(f"   - {name}, RBF+DPS vs {LABEL[m]}: {_diff(held('rbf+dps', metric), held(m, metric))}")
+                diff = paired(by, ("rbf+dps", d, top), (m, d, top), metric)
+                out.append(f"   - {name}, RBF+DPS vs {LABEL[m]}: {verdict(_negated(diff) if metric == 'rss' else diff)}")
     else:
         out.append("4. RBF+DPS vs DPS and SVDD+DPS: n/a (run with --reward learned-counter "
                    "--methods dps,svdd+dps,rbf+dps)")
@@ -798,8 +815,9 @@ def write_report(cfg: BenchConfig, rows: list[dict], notes: list[str], div: dict
                "| method | dynamics | NFE | per grid index 0, 1, ... |", "|---|---|---|---|"]
         md += [f"| {LABEL[m]} | {d} | {n} | " + ", ".join(f"{x:.1f}" for x in np.mean(v.nfe_per_step, 0)) + " |"
                for (m, d, n), v in sorted(s.items()) if m in ("rbf", "rbf+dps")] + [""]
-    md += ["## Claims", "", "'yes' when the mean difference has the claimed sign; se of a difference treats the two "
-           "runs as independent.", "", *claims(cfg, s, div), "", "## Skipped", "", *[f"- {n}" for n in notes], "",
+    md += ["## Claims", "", "Every comparison is a paired difference over the (prompt, seed) pairs both settings ran "
+           "(mean ± standard error); 'yes' / 'no' when it lies more than 2 standard errors above / below 0, else "
+           "'inconclusive'.", "", *claims(cfg, s, rows, div), "", "## Skipped", "", *[f"- {n}" for n in notes], "",
            "## Figures", "", "![reward vs NFE](reward_vs_nfe.png)", "", "![diversity](diversity.png)", ""]
     md += ["![RBF NFE per step](rbf_nfe_per_step.png)", ""] if has_rbf else []
     md += ["![one prompt across methods](grid.png)", ""]

@@ -275,6 +275,23 @@ def test_mean_and_standard_error():
     assert experiments.mean_se([7.0]).n == 1 and str(experiments.mean_se([7.0])) == "7.000 ± –"
 
 
+def test_paired_differences_cancel_the_spread_between_prompts():
+    # b beats a by 0.1 on every prompt, while the prompts themselves spread over 0..7: unpaired, the
+    # difference would be lost in that spread; paired, it is exact (se 0) and decided
+    rows = [{"method": m, "dynamics": "vp-sde", "nfe": "100", "prompt_id": str(p), "seed": str(seed),
+             "given_reward": str(p + seed + (0.1 if m == "rbf" else 0.0))}
+            for m in ("rbf", "bon") for p in range(4) for seed in range(2)]
+    rows.append(rows[0] | {"method": "rbf", "prompt_id": "9"})  # a prompt only one setting ran: not a pair
+    by = experiments.by_setting(rows)
+    d = experiments.paired(by, ("rbf", "vp-sde", 100), ("bon", "vp-sde", 100))
+    assert d.n == 8 and d.mean == pytest.approx(0.1) and d.se == pytest.approx(0.0, abs=1e-12)
+    assert experiments.verdict(d).startswith("yes: +0.100")
+    assert experiments.verdict(experiments.paired(by, ("bon", "vp-sde", 100), ("rbf", "vp-sde", 100))).startswith("no")
+    noisy = experiments.mean_se([0.3, -0.2, 0.1, -0.1])  # mean 0.025, se 0.11: within 2 se
+    assert experiments.verdict(noisy).startswith("inconclusive")
+    assert experiments.verdict(experiments.mean_se([0.5])).startswith("inconclusive")  # n = 1: no standard error
+
+
 def test_chunk_seeds_are_distinct_and_fixed():
     seeds = {flowscale.chunk_seed(s, c) for s in range(5) for c in range(20)}
     assert len(seeds) == 100
