@@ -74,13 +74,14 @@ import sde
 TASKS = ("counting", "composition")  # prompt kinds; each is also the name of its given reward (Sec. 7.1-7.2)
 PARTICLE_METHODS = ("smc", "code", "svdd", "rbf")  # claims 1-2
 LINEAR_ODE_ONLY = ("bon", "sop")  # run with the linear ODE only, as in the paper's Table 1
-COLUMNS = ["task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt",
+COLUMNS = ["model", "task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt",
            "given_reward", "rss", "accuracy", "composition", "fidelity", "counter_accuracy", "nfe_used",
            "nfe_per_step", "seconds", "image_sha"]
 # One row per key. A row's noise depends on its chunk and its place in it, so --batch and the prompt's
-# position (prompt_id) belong to the key: a resume with another --batch or prompt order runs new rows
-# instead of mixing them with the old ones (the report reads only the rows of the current plan).
-KEY = ("task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt")
+# position (prompt_id) belong to the key, and so does the model: a resume with another --model, --batch
+# or prompt order runs new rows instead of mixing them with the old ones (the report reads only the
+# rows of the current plan).
+KEY = ("model", "task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt")
 LABEL = {"none": "plain", "bon": "BoN", "sop": "SoP", "smc": "SMC", "code": "CoDe", "svdd": "SVDD", "rbf": "RBF",
          "dps": "DPS", "svdd+dps": "SVDD+DPS", "rbf+dps": "RBF+DPS"}
 ABBR = {"linear-ode": "L.O.", "linear-sde": "L.S.", "vp-sde": "V.S."}
@@ -248,7 +249,7 @@ def knobs_of(cfg: BenchConfig, method: str) -> dict:
 
 
 def unit_keys(cfg: BenchConfig, unit: Unit) -> list[tuple[str, ...]]:
-    return [(cfg.task, cfg.reward, str(cfg.steps), unit.method, unit.dynamics, str(unit.nfe), str(unit.seed),
+    return [(model_label(cfg), cfg.task, cfg.reward, str(cfg.steps), unit.method, unit.dynamics, str(unit.nfe), str(unit.seed),
              str(cfg.batch), str(i), cfg.prompts[i]) for i in unit.prompt_ids]
 
 
@@ -784,6 +785,11 @@ def plot_grid(cfg: BenchConfig, rows: list[dict], path: Path) -> None:
 
 def model_name(cfg: BenchConfig) -> str:
     return str(Path(cfg.model).resolve() if cfg.model else flowscale.DEFAULT_MODEL)
+
+
+def model_label(cfg: BenchConfig) -> str:
+    """The model column of results.csv: the model folder's name (mini-flux-schnell, mini-flux-dev, ...)."""
+    return Path(model_name(cfg)).name
 
 
 def write_report(cfg: BenchConfig, rows: list[dict], notes: list[str], div: dict) -> None:

@@ -62,7 +62,7 @@ def quick(tiny_model, tmp_path_factory) -> Path:
 # The --quick run: rows, columns, report, figures
 
 
-def test_quick_run_has_one_row_per_prompt_method_dynamics_nfe_seed(quick):
+def test_quick_run_has_one_row_per_prompt_method_dynamics_nfe_seed(quick, tiny_model):
     columns, rows = read_csv(quick / "results.csv")
     assert columns == experiments.COLUMNS
     prompts = toyworld.heldout_prompts("counting", 4, seed=0)
@@ -73,6 +73,7 @@ def test_quick_run_has_one_row_per_prompt_method_dynamics_nfe_seed(quick):
     keys = [(r["method"], r["dynamics"], r["nfe"], r["seed"], r["prompt"]) for r in rows]
     assert len(keys) == len(set(keys)) == len(expected) == 124
     assert set(keys) == expected
+    assert {r["model"] for r in rows} == {Path(tiny_model).name}  # the model folder's name, on every row
 
 
 def test_quick_rows_are_consistent(quick):
