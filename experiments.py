@@ -228,7 +228,7 @@ def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
             if method.endswith("dps") and cfg.lookahead != "tweedie":
                 notes.append(f"{method} {dynamics}: gradient guidance does not run with lookahead {cfg.lookahead}")
                 continue
-            need = search.min_nfe(method, dummy, **knobs_of(cfg, method))
+            need = search.min_nfe(method, dummy, **knobs_of(cfg, method, cfg.steps))
             budgets = [cfg.steps] if method == "none" else cfg.nfe
             for nfe in budgets:
                 if nfe < need:
@@ -244,8 +244,13 @@ def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
     return units, notes
 
 
-def knobs_of(cfg: BenchConfig, method: str) -> dict:
-    return cfg.rbf_knobs if method in ("rbf", "rbf+dps") else {}
+def knobs_of(cfg: BenchConfig, method: str, nfe: int) -> dict:
+    """The knobs of a method at budget nfe: --allocation / --threshold for RBF; DPS spends the budget as
+    N = nfe // steps guided chains, the best by the given reward (claim 4 at equal NFE; the paper's
+    single-chain DPS is its row at nfe = steps)."""
+    if method in ("rbf", "rbf+dps"):
+        return cfg.rbf_knobs
+    return {"n": max(1, nfe // cfg.steps)} if method == "dps" else {}
 
 
 def unit_keys(cfg: BenchConfig, unit: Unit) -> list[tuple[str, ...]]:
@@ -330,7 +335,7 @@ def run_unit(pipe: flowscale.Pipeline, cfg: BenchConfig, unit: Unit) -> UnitOutp
     generation = flowscale.generate(pipe, prompts, method=unit.method, dynamics=unit.dynamics, nfe=unit.nfe,
                                     num_steps=cfg.steps, reward=cfg.reward_fn or cfg.reward,
                                     seed=flowscale.chunk_seed(unit.seed, unit.chunk), lookahead=cfg.lookahead,
-                                    max_batch=cfg.max_batch, **knobs_of(cfg, unit.method))
+                                    max_batch=cfg.max_batch, **knobs_of(cfg, unit.method, unit.nfe))
     rows = []
     for j, (key, i) in enumerate(zip(unit_keys(cfg, unit), unit.prompt_ids)):
         metrics = generation.metrics[j] if generation.metrics else {}

@@ -200,6 +200,8 @@ def test_learned_counter_runs_the_guided_methods(tiny_model, tmp_path, monkeypat
         assert r["reward"] == "learned-counter" and int(r["nfe_used"]) <= int(r["nfe"])
         images_reward = float(r["given_reward"])
         assert images_reward <= 0 and images_reward != -float(r["rss"])  # the counter's score, not the exact -RSS
+        if r["method"] == "dps":  # at equal NFE: 30 // 10 = 3 guided chains of 10 steps, not one chain of 10 NFE
+            assert int(r["nfe_used"]) == 30
     md = (out / "results.md").read_text()
     assert "4. RBF+DPS beats DPS and SVDD+DPS (V.S., NFE 30)" in md
     assert "held-out accuracy, RBF+DPS vs SVDD+DPS" in md
