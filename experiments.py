@@ -84,7 +84,8 @@ COLUMNS = ["model", "task", "reward", "steps", "method", "dynamics", "nfe", "see
 KEY = ("model", "task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt")
 LABEL = {"none": "plain", "bon": "BoN", "sop": "SoP", "smc": "SMC", "code": "CoDe", "svdd": "SVDD", "rbf": "RBF",
          "dps": "DPS", "svdd+dps": "SVDD+DPS", "rbf+dps": "RBF+DPS"}
-ABBR = {"linear-ode": "L.O.", "linear-sde": "L.S.", "vp-sde": "V.S."}
+ABBR = {"linear-ode": "L.O.", "linear-sde": "L.S.", "vp-sde": "V.S.", "linear-sde+time": "L.S.+time",
+        "linear-sde+diffusion": "L.S.+diffusion"}
 QUICK = {"prompts": "4", "seeds": 1, "nfe": "50,100", "diversity_samples": 8, "diversity_prompts": 2}
 LIMITS = {"seeds": 1000, "steps": 1000, "batch": 1024, "diversity-samples": 1000, "diversity-prompts": flowscale.MAX_PROMPTS}
 FULL = {"prompts": "16", "seeds": 1, "nfe": "50,100,200,500", "diversity_samples": 16, "diversity_prompts": 4}
@@ -95,7 +96,7 @@ class BenchConfig:
     task: str  # "counting" | "composition": prompt kind and default given reward
     reward: str  # given reward, a rewards.REWARD_NAMES name
     methods: list[str]  # search.METHODS names
-    dynamics: list[str]  # search.DYNAMICS names
+    dynamics: list[str]  # search.ALL_DYNAMICS names
     nfe: list[int]  # budgets per prompt ("none" always uses `steps`)
     prompts: list[str]  # the prompts, prompt_id = index
     seeds: int  # seeds 0 .. seeds - 1
@@ -189,7 +190,7 @@ def config_from_args(args) -> BenchConfig:
         if value > LIMITS[name]:  # the plan (seeds) or the diversity batch (samples) would not fit
             raise ValueError(f"--{name} is too large: {value} (at most {LIMITS[name]})")
     return BenchConfig(task=args.task, reward=reward, methods=_split(args.methods or default_methods, "methods", search.METHODS),
-                       dynamics=_split(args.dynamics, "dynamics", search.DYNAMICS), nfe=nfe,
+                       dynamics=_split(args.dynamics, "dynamics", search.ALL_DYNAMICS), nfe=nfe,
                        prompts=load_prompts(str(pick("prompts")), args.task, args.prompt_seed, args.split), seeds=pick("seeds"),
                        steps=args.steps, batch=args.batch, out=Path(args.out), model=args.model, height=args.height,
                        width=args.width, diversity_samples=pick("diversity_samples"),
@@ -240,7 +241,7 @@ def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
     if "none" in cfg.methods:
         notes.append(f"none (the plain sampler) always runs with {cfg.steps} NFE = --steps, whatever --nfe says")
     order = {m: i for i, m in enumerate(search.METHODS)}
-    units.sort(key=lambda u: (u.nfe, order[u.method], search.DYNAMICS.index(u.dynamics), u.seed, u.chunk))
+    units.sort(key=lambda u: (u.nfe, order[u.method], search.ALL_DYNAMICS.index(u.dynamics), u.seed, u.chunk))
     return units, notes
 
 
@@ -626,7 +627,7 @@ def table45(cfg: BenchConfig, s: dict) -> list[str]:
     """Like the paper's Tables 4-5: one line per method, dynamics and NFE."""
     lines = [f"| method | dynamics | NFE | {reward_label(cfg)} † | RSS ↓ | accuracy ↑ | composition ↑ | fidelity ↑ | "
              f"NFE used | s / prompt | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (m, d, n), v in sorted(s.items(), key=lambda kv: (search.METHODS.index(kv[0][0]), search.DYNAMICS.index(kv[0][1]), kv[0][2])):
+    for (m, d, n), v in sorted(s.items(), key=lambda kv: (search.METHODS.index(kv[0][0]), search.ALL_DYNAMICS.index(kv[0][1]), kv[0][2])):
         st = v.stats
         lines.append(f"| {LABEL[m]} | {d} | {n} | {st['given_reward']} | {st['rss']} | {st['accuracy']} | "
                      f"{st['composition']} | {st['fidelity']} | {st['nfe_used'].mean:.1f} | {st['seconds'].mean:.2f} | {st['given_reward'].n} |")
@@ -709,7 +710,8 @@ def plot_reward_vs_nfe(cfg: BenchConfig, s: dict, path: Path) -> None:
               ("composition", "composition score")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colours = {m: plt.cm.tab10(i) for i, m in enumerate(search.METHODS)}
-    styles = {"linear-ode": ":", "linear-sde": "--", "vp-sde": "-"}
+    styles = {"linear-ode": ":", "linear-sde": "--", "vp-sde": "-", "linear-sde+time": "-.",
+              "linear-sde+diffusion": (0, (1, 3))}
     for ax, (metric, title) in zip(axes, panels):
         for m in cfg.methods:
             for d in cfg.dynamics:
@@ -846,7 +848,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "your own: module:NAME | path/to/file.py:NAME")
     parser.add_argument("--methods", default=None, help="comma list of " + ", ".join(search.METHODS) +
                         " [none,bon,sop,smc,code,svdd,rbf; learned-counter: none,dps,svdd+dps,rbf+dps]")
-    parser.add_argument("--dynamics", default=",".join(search.DYNAMICS), help="comma list of " + ", ".join(search.DYNAMICS))
+    parser.add_argument("--dynamics", default=",".join(search.DYNAMICS),
+                        help="comma list of " + ", ".join(search.ALL_DYNAMICS) + " (the last two: v5 Table 1's ablation)")
     parser.add_argument("--nfe", default=None, help="comma list of NFE budgets per prompt [50,100,200,500 / 50,100]")
     parser.add_argument("--prompts", default=None, help="N held-out prompts of the task, or a file [16 / 4]")
     parser.add_argument("--prompt-seed", type=int, default=0, help="which N held-out prompts")

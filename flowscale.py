@@ -469,8 +469,8 @@ def generate(pipe: Pipeline, prompts: list[str], *, method: str = "rbf", dynamic
     """
     if method not in search.METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(search.METHODS)}")
-    if dynamics not in search.DYNAMICS:
-        raise ValueError(f"unknown dynamics {dynamics!r}; choose one of {', '.join(search.DYNAMICS)}")
+    if dynamics not in search.ALL_DYNAMICS:
+        raise ValueError(f"unknown dynamics {dynamics!r}; choose one of {', '.join(search.ALL_DYNAMICS)}")
     check_seed(seed)
     reward_fn = R.get_reward(reward) if isinstance(reward, str) else reward
     check_reward_for(method, reward_fn)
@@ -1012,7 +1012,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_parser.add_argument("--batch", type=int, default=1,
                                  help="with --prompts: prompts searched together (their latents share velocity calls)")
     generate_parser.add_argument("--method", default="rbf", help=" | ".join(search.METHODS))
-    generate_parser.add_argument("--dynamics", default="vp-sde", help=" | ".join(search.DYNAMICS))
+    generate_parser.add_argument("--dynamics", default="vp-sde", help=" | ".join(search.ALL_DYNAMICS))
     generate_parser.add_argument("--nfe", type=int, default=200, help="NFE budget (velocity evaluations)")
     generate_parser.add_argument("--height", type=int, default=1024, help="image height (real FLUX.1 only)")
     generate_parser.add_argument("--width", type=int, default=1024, help="image width (real FLUX.1 only)")

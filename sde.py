@@ -313,6 +313,24 @@ def target_velocity(u: Tensor, bar_x: Tensor, k: ConversionCoeffs) -> Tensor:
     return (d_c_s / c_s) * bar_x + c_s * d_t_s * u
 
 
+def vp_conversion_halves(s: Tensor) -> tuple[Tensor, Tensor]:
+    """The two halves of the Linear -> VP conversion as a Linear-SDE sampler sees them (Sec. 5 of the
+    paper and its v5 Table 1 ablation). For a VP-time grid s_0 > ... > s_T = 0 (float64):
+
+      t_i = t_{s_i}   the linear time of the same SNR (Eq. 10): the times the VP-SDE visits on the
+                      model's own path ("timestep conversion"); t_T = 0;
+      k_i             (1 / c_{s_i}) sqrt((s_i - s_{i+1}) / (t_i - t_{i+1})) for i < T: the factor by which
+                      a Linear-SDE step from t_i scales g, so that its noise g k_i sqrt(t_i - t_{i+1}) is
+                      the VP-SDE's noise g sqrt(s_i - s_{i+1}) carried to the linear path (x = bar_x / c_s)
+                      ("diffusion scaling"; large where the VP path moves fast in SNR, i.e. early).
+
+    A Linear-SDE on the times t_i with g scaled by k_i is the VP-SDE to first order in the step; either
+    half alone is the paper's ablation. Returns t (T + 1,) and k (T,)."""
+    conv = conversion_coeffs(s[:-1], LinearInterpolant(), VPInterpolant())  # s > 0: at s = 0 it is 0 / 0
+    t = torch.cat([conv.t_s, torch.zeros_like(s[-1:])])
+    return t, torch.sqrt((s[:-1] - s[1:]) / (t[:-1] - t[1:])) / conv.c_s
+
+
 def convert_velocity(velocity: VelocityFn, source: Interpolant, target: Interpolant) -> VelocityFn:
     """Eq. (11): the velocity bar_u(bar_x, s) of the target path, from a model u(x, t) of the source path.
 

@@ -26,7 +26,9 @@ latent (NFE) for each prompt. Methods, with the paper's App. D sizes at 500 NFE 
 What all of them share (Sec. 3, 4):
   * Dynamics, one switch (Sec. 4.2-4.3, Table 1): "linear-ode" (FLUX's own ODE), "linear-sde" (the
     reverse SDE of Eq. 7 with g = 3 t^2 on the linear path), "vp-sde" (the model converted to the VP
-    path by Eq. 11, then the SDE of Eq. 12). Times and g are those of the path being sampled.
+    path by Eq. 11, then the SDE of Eq. 12). Times and g are those of the path being sampled. For v5
+    Table 1's ablation, "linear-sde+time" (the Linear-SDE at the linear times the VP-SDE visits) and
+    "linear-sde+diffusion" (the Linear-SDE with g scaled as the VP conversion scales it), Sec. 5.
   * A time grid t_0 = 1 > ... > t_T = 0 (default the `exp` grid of App. C). A particle at grid index i
     costs one NFE there: its velocity u_t gives Tweedie's x0_hat (sde.x0_hat_from_velocity), whose reward
     is the particle's value (Eq. 19), and the proposal step to t_{i+1} (Eq. 9 / 12).
@@ -77,6 +79,10 @@ from torch import Tensor
 import sde
 
 DYNAMICS = ("linear-ode", "linear-sde", "vp-sde")
+# v5 Table 1's ablation: a Linear-SDE with one half of the VP conversion (sde.vp_conversion_halves),
+# the SNR-matched times only ("+time") or the diffusion scaling only ("+diffusion")
+ABLATION_DYNAMICS = ("linear-sde+time", "linear-sde+diffusion")
+ALL_DYNAMICS = DYNAMICS + ABLATION_DYNAMICS
 METHODS = ("none", "bon", "sop", "smc", "code", "svdd", "rbf", "dps", "svdd+dps", "rbf+dps")  # "none": plain sampler
 DPS_METHODS = ("dps", "svdd+dps", "rbf+dps")  # the methods with gradient guidance (need a differentiable reward)
 ALLOCATIONS = ("rollover", "uniform", "threshold")  # how rbf spends its budget over the steps
@@ -102,7 +108,7 @@ class Problem:
     reward_name: str = "reward"  # names the reward in error messages
     differentiable: bool = False  # the reward can be back-propagated (needed by the dps methods)
     # --- the sampler: the dynamics, its grid and diffusion, and how a particle is valued
-    dynamics: str = "vp-sde"  # "linear-ode" | "linear-sde" | "vp-sde" (Sec. 4, Table 1)
+    dynamics: str = "vp-sde"  # "linear-ode" | "linear-sde" | "vp-sde" (Sec. 4, Table 1), or an ABLATION_DYNAMICS
     num_steps: int = 10  # T denoising steps (paper: 10)
     time_grid: str = "exp"  # "exp" (App. C, official code) or "uniform", in the time of the sampled path
     # FLUX's resolution shift t -> s t / (1 + (s - 1) t) of the grid (sde.time_grid), None = unshifted.
@@ -133,8 +139,8 @@ class Problem:
         if not (isinstance(self.num_steps, int) and self.num_steps >= 2):
             raise ValueError(f"Problem.num_steps must be an int >= 2 (a search needs a step to search over), "
                              f"got {self.num_steps!r}")
-        if self.dynamics not in DYNAMICS:
-            raise ValueError(f"Problem.dynamics must be one of {DYNAMICS}, got {self.dynamics!r}")
+        if self.dynamics not in ALL_DYNAMICS:
+            raise ValueError(f"Problem.dynamics must be one of {ALL_DYNAMICS}, got {self.dynamics!r}")
         if self.time_grid not in ("exp", "uniform"):
             raise ValueError(f"Problem.time_grid must be 'exp' or 'uniform', got {self.time_grid!r}")
         if not self.dtype.is_floating_point:
@@ -459,6 +465,9 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     ts = grid_times(problem).to(problem.dtype).to(problem.device)
     grid = _at(problem, ts)  # at t = 0 the conversion is 0 / 0: never used, no velocity is evaluated there
     g = problem.g(ts) if problem.g is not None else torch.zeros_like(ts)
+    if problem.dynamics == "linear-sde+diffusion":  # g scaled as the VP conversion scales it, on the linear grid
+        k = sde.vp_conversion_halves(grid_times(problem))[1].to(g)
+        g = g * torch.cat([k, torch.ones_like(k[:1])])  # (T + 1,); no step leaves t_T
     counts = new_counts(P, nfe)
     best = torch.full((P,), -math.inf, device=problem.device)
     return _State(problem, grid, g, sde.guidance_factor(grid.coeffs, g), counts, gens, callback, [], best,
@@ -472,8 +481,11 @@ def grid_times(problem: Problem) -> Tensor:
     # linear dynamics that is BFL's schedule of the model's own time; under vp-sde the same warp of the
     # VP-time grid (warping the model's time instead would push VP times beyond t = 1, where the VP path
     # ends at SNR 0.0066)
-    return sde.time_grid(problem.num_steps, problem.time_grid,
-                         shift=None if problem.time_shift is None else float(problem.time_shift))
+    t = sde.time_grid(problem.num_steps, problem.time_grid,
+                      shift=None if problem.time_shift is None else float(problem.time_shift))
+    if problem.dynamics == "linear-sde+time":  # the linear times of the VP grid's SNRs (Eq. 10)
+        t = sde.vp_conversion_halves(t)[0]
+    return t
 
 
 def _budget(nfe) -> int:

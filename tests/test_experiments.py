@@ -243,6 +243,13 @@ def test_bad_arguments_are_value_errors(argv, message):
         experiments.config_from_args(args(*argv))
 
 
+def test_the_ablation_dynamics_run_in_the_bench():
+    dynamics = ["linear-sde", "linear-sde+time", "linear-sde+diffusion", "vp-sde"]  # v5 Table 1's rows
+    cfg = experiments.config_from_args(args("--dynamics", ",".join(dynamics), "--methods", "rbf", "--nfe", "100"))
+    units, _ = experiments.plan(cfg)
+    assert cfg.dynamics == dynamics and {u.dynamics for u in units} == set(dynamics)
+
+
 def test_the_hard_split_is_selectable():
     hard = experiments.config_from_args(args("--prompts", "8", "--split", "hard")).prompts
     assert hard == toyworld.heldout_prompts("counting", 8, split="hard")

@@ -99,6 +99,42 @@ def test_snr_matched_times_match_the_paper_table():
     torch.testing.assert_close(t_s, torch.tensor([0.9935, 0.8591, 0.7087], dtype=F64), rtol=0, atol=6e-5)
 
 
+def test_the_two_halves_of_the_vp_conversion():
+    s = sde.time_grid(10, "exp")
+    t, k = sde.vp_conversion_halves(s)
+    vp, lin = VPInterpolant()(s[:-1]), LinearInterpolant()(t[:-1])
+    torch.testing.assert_close(lin.alpha_t / lin.sigma_t, vp.alpha_t / vp.sigma_t, rtol=1e-10, atol=0)  # same SNR
+    assert t[-1] == 0 and bool((t[:-1] > t[1:]).all())
+    c_s = vp.sigma_t / lin.sigma_t
+    # the Linear-SDE's noise variance g^2 k^2 dt is the VP-SDE's g^2 ds, carried to the linear path by 1 / c_s^2
+    torch.testing.assert_close(k**2 * (t[:-1] - t[1:]), (s[:-1] - s[1:]) / c_s**2, rtol=1e-12, atol=0)
+    assert k[0] > 3 and k[-1] < 1  # the "noise overdose" of scaling alone is early (Sec. 5)
+
+
+def test_a_linear_sde_step_with_both_halves_is_the_vp_sde_step_to_first_order():
+    # One Euler-Maruyama step of the VP-SDE from bar_x at s, read on the linear path (x = bar_x / c),
+    # against one step of the Linear-SDE from bar_x / c_s at t_s to t_{s - h} with g scaled by k, same
+    # noise: the two differ by O(h^1.5) (the scale c moves within the step), so by ~2.8x per halving of h.
+    flow = mixture()
+    vp_flow = flow.with_interpolant(VPInterpolant())
+    g = sde.DiffusionCoefficient("square", 3.0)
+    bar_x = torch.randn(256, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    z = torch.randn(256, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    gaps = []
+    for h in (0.02, 0.01, 0.005, 0.0025):
+        s = torch.tensor([0.6, 0.6 - h, 0.0], dtype=F64)
+        t, k = sde.vp_conversion_halves(s)
+        c = sde.conversion_coeffs(s[:2], LinearInterpolant(), VPInterpolant()).c_s
+        vp_next = sde.euler_maruyama_step(bar_x, vp_flow.velocity(bar_x, s[0]), s[0], s[1], VPInterpolant(), g,
+                                          noise=z) / c[1]
+        x = bar_x / c[0]
+        lin_next = sde.euler_maruyama_step(x, flow.velocity(x, t[0]), t[0], t[1], LinearInterpolant(),
+                                           lambda _: g(s[0]) * k[0], noise=z)
+        gaps.append(float((vp_next - lin_next).norm(dim=1).mean()))
+    orders = [math.log2(a / b) for a, b in zip(gaps, gaps[1:])]
+    assert all(1.3 < o < 2.2 for o in orders), (gaps, orders)
+
+
 # -----------------------------------------------------------------------------------------------
 # Parameterisation conversions (Eq. 8 and Tweedie)
 

@@ -201,7 +201,7 @@ def counting_velocity(num_prompts):
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(method=st.sampled_from(search.METHODS), steps=st.integers(2, 5), prompts=st.integers(1, 3),
-       dynamics=st.sampled_from(search.DYNAMICS), grid=st.sampled_from(["exp", "uniform"]),
+       dynamics=st.sampled_from(search.ALL_DYNAMICS), grid=st.sampled_from(["exp", "uniform"]),
        n=st.integers(1, 3), k=st.integers(1, 3), extra=st.integers(0, 60), data=st.data())
 def test_no_method_ever_exceeds_its_budget(method, steps, prompts, dynamics, grid, n, k, extra, data):
     knobs = {"none": {}, "bon": {"n": n}, "smc": {"n": n, "ess_threshold": data.draw(st.sampled_from([0.0, 0.5, 1.0]))},
@@ -342,7 +342,23 @@ def test_evaluate_is_the_converted_velocity_and_tweedie():
     torch.testing.assert_close(ev.reward, vp_flow.x0_hat(x, t) @ A.double(), rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("dynamics", search.DYNAMICS)
+def test_the_ablation_dynamics_are_the_two_halves_of_the_vp_conversion():
+    # v5 Table 1: Linear-SDE with the SNR-matched times only, or with the diffusion scaling only
+    s = sde.time_grid(10, "exp")
+    t, k = sde.vp_conversion_halves(s)
+    time_only = search._start(problem(dtype=torch.float64, dynamics="linear-sde+time"), 10, gen(0), None, "none", {})
+    torch.testing.assert_close(time_only.grid.t, t)
+    torch.testing.assert_close(time_only.g, 3 * t**2)  # g = 3 t^2 of the linear times, unscaled
+    scaled = search._start(problem(dtype=torch.float64, dynamics="linear-sde+diffusion"), 10, gen(0), None, "none", {})
+    torch.testing.assert_close(scaled.grid.t, s)  # the linear path's own exp grid
+    torch.testing.assert_close(scaled.g[:-1], 3 * s[:-1] ** 2 * k)
+    for pb in (time_only.problem, scaled.problem):
+        assert isinstance(pb.path, sde.LinearInterpolant) and time_only.grid.conv is None
+    with pytest.raises(ValueError, match="linear-sde\\+time"):
+        problem(dynamics="vp-sde+time")
+
+
+@pytest.mark.parametrize("dynamics", search.ALL_DYNAMICS)
 def test_the_grid_step_is_sdes_euler_maruyama_step(dynamics):
     # search.py steps with coefficients cached on its grid; sde.euler_maruyama_step computes them from
     # the times. Both call sde.euler_maruyama (sde.euler_step for the ODE): equal up to the rounding
@@ -356,6 +372,8 @@ def test_the_grid_step_is_sdes_euler_maruyama_step(dynamics):
                                  reward=False, grad=False)
         step = search._propose(state, x, ev, i, 3, None, noise=z)
         g = pb.g if pb.g is not None else sde.DiffusionCoefficient("zero")
+        if dynamics == "linear-sde+diffusion":  # the step's g, scaled by k_i (checked by the test above)
+            g = sde.DiffusionCoefficient("constant", float(state.g[i]))
         expect = sde.euler_maruyama_step(x, ev.u_t, state.grid.t[i], state.grid.t[i + 1], pb.path, g, noise=z)
         torch.testing.assert_close(step, expect, rtol=1e-13, atol=1e-13)
 
@@ -611,8 +629,8 @@ def test_bench_passes_the_knobs_to_rbf_only():
     args = experiments.build_parser().parse_args(["--quick", "--methods", "bon,rbf", "--dynamics", "vp-sde,linear-ode",
                                                   "--allocation", "uniform", "--lookahead", "ode:3", "--nfe", "40,60"])
     cfg = experiments.config_from_args(args)
-    assert cfg.lookahead == "ode:3" and experiments.knobs_of(cfg, "rbf") == {"allocation": "uniform"}
-    assert experiments.knobs_of(cfg, "bon") == {}
+    assert cfg.lookahead == "ode:3" and experiments.knobs_of(cfg, "rbf", 40) == {"allocation": "uniform"}
+    assert experiments.knobs_of(cfg, "bon", 40) == {}
     units, notes = experiments.plan(cfg)
     # with ode:3 an rbf candidate costs 3 NFE: the smallest budget is 2 * (1 + 9) * 3 = 60
     assert {(u.method, u.nfe) for u in units} == {("bon", 40), ("bon", 60), ("rbf", 60)}
