@@ -945,14 +945,19 @@ def chunk_seed(seed: int, chunk: int) -> int:
 
 
 def search_knobs(args) -> dict:
-    """The rbf knobs of --allocation / --threshold (none unless given), after checking them and --lookahead."""
+    """The rbf knobs of --allocation / --threshold / --init-particles / --no-rollover (none unless given),
+    after checking them and --lookahead."""
     search.lookahead_steps(args.lookahead)
     if args.allocation is not None and args.allocation not in search.ALLOCATIONS:
         raise ValueError(f"--allocation must be one of {', '.join(search.ALLOCATIONS)}, got {args.allocation!r}")
     if (args.allocation == "threshold") != (args.threshold is not None):
         raise ValueError("--allocation threshold needs --threshold <reward level>, and only it takes one")
+    if args.init_particles is not None and args.init_particles < 1:
+        raise ValueError(f"--init-particles must be >= 1, got {args.init_particles}")
     return ({} if args.allocation is None else {"allocation": args.allocation}) | \
-        ({} if args.threshold is None else {"threshold": args.threshold})
+        ({} if args.threshold is None else {"threshold": args.threshold}) | \
+        ({} if args.init_particles is None else {"init_particles": args.init_particles}) | \
+        ({"rollover": False} if args.no_rollover else {})
 
 
 def add_device_arguments(p: argparse.ArgumentParser) -> None:
@@ -971,10 +976,15 @@ def add_device_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    """--allocation, --threshold, --lookahead (shared by generate and bench)."""
+    """--allocation, --threshold, --init-particles, --no-rollover, --lookahead (shared by generate and bench)."""
     p.add_argument("--allocation", default=None,
                    help="rbf / rbf+dps budget allocation: " + " | ".join(search.ALLOCATIONS) + " [rollover, Alg. 2]")
     p.add_argument("--threshold", type=float, default=None, help="reward level of --allocation threshold")
+    p.add_argument("--init-particles", type=int, default=None,
+                   help="rbf / rbf+dps: initial noises per chain (Alg. 2 as printed: 1) [10%% of the budget, the "
+                        "official code]")
+    p.add_argument("--no-rollover", action="store_true",
+                   help="rbf / rbf+dps: every stage gets the same quota, unused NFE do not roll over (the ablation)")
     p.add_argument("--lookahead", default="tweedie",
                    help="value of a particle: tweedie (x0_hat, Eq. 19) | ode:K (K Euler steps to t = 0, K - 1 more NFE)")
 

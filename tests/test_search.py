@@ -614,7 +614,8 @@ def test_seconds_split_the_wall_time():
     (["generate", "--prompt", "one red circle", "--lookahead", "ode:0"], "'tweedie' or 'ode:K'"),
     (["generate", "--prompt", "one red circle", "--allocation", "threshold"], "needs --threshold"),
     (["bench", "--quick", "--lookahead", "euler"], "'tweedie' or 'ode:K'"),
-    (["bench", "--quick", "--threshold", "0.5"], "needs --threshold")])
+    (["bench", "--quick", "--threshold", "0.5"], "needs --threshold"),
+    (["bench", "--quick", "--init-particles", "0"], "--init-particles must be >= 1")])
 def test_cli_rejects_bad_knobs_with_one_line_and_exit_code_2(argv, message, capsys, tmp_path):
     import flowscale
 
@@ -635,6 +636,10 @@ def test_bench_passes_the_knobs_to_rbf_only():
     # with ode:3 an rbf candidate costs 3 NFE: the smallest budget is 2 * (1 + 9) * 3 = 60
     assert {(u.method, u.nfe) for u in units} == {("bon", 40), ("bon", 60), ("rbf", 60)}
     assert any("rbf vp-sde NFE 40: below its minimum budget of 60" in n for n in notes)
+    # the paper's other two RBF ablations: Alg. 2's single initial particle, and no rollover
+    args = experiments.build_parser().parse_args(["--quick", "--init-particles", "1", "--no-rollover"])
+    assert experiments.knobs_of(experiments.config_from_args(args), "rbf", 100) == {"init_particles": 1,
+                                                                                   "rollover": False}
 
 
 # -----------------------------------------------------------------------------------------------
