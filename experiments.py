@@ -84,6 +84,8 @@ COLUMNS = ["model", "task", "reward", "steps", "method", "dynamics", "nfe", "see
 KEY = ("model", "task", "reward", "steps", "method", "dynamics", "nfe", "seed", "batch", "prompt_id", "prompt")
 LABEL = {"none": "plain", "bon": "BoN", "sop": "SoP", "smc": "SMC", "code": "CoDe", "svdd": "SVDD", "rbf": "RBF",
          "dps": "DPS", "svdd+dps": "SVDD+DPS", "rbf+dps": "RBF+DPS"}
+DYNAMICS_COLOUR = {"linear-ode": "tab:grey", "linear-sde": "tab:orange", "vp-sde": "tab:blue",
+                   "linear-sde+time": "tab:olive", "linear-sde+diffusion": "tab:red"}  # every figure
 ABBR = {"linear-ode": "L.O.", "linear-sde": "L.S.", "vp-sde": "V.S.", "linear-sde+time": "L.S.+time",
         "linear-sde+diffusion": "L.S.+diffusion"}
 QUICK = {"prompts": "4", "seeds": 1, "nfe": "50,100", "diversity_samples": 8, "diversity_prompts": 2}
@@ -455,34 +457,40 @@ def _execute_rounds(cfg: BenchConfig, pipe: flowscale.Pipeline, pending: list[Un
 
 @torch.no_grad()
 def diversity(pipe: flowscale.Pipeline, prompts: list[str], *, steps: int, branch_step: int, samples: int,
-              seed: int = 0, max_batch: int = search.MAX_BATCH) -> dict[str, list[float]]:
-    """Mean pairwise L2 distance of `samples` decoded x0 branched from one x_t, per prompt and dynamics.
+              dynamics: tuple[str, ...] = ("linear-sde", "vp-sde"), seed: int = 0, max_batch: int = search.MAX_BATCH,
+              counter: R.LearnedCounter | None = None) -> dict[str, dict[str, list[float]]]:
+    """How far apart `samples` images branched from one x_t land, per prompt and dynamics: the mean
+    pairwise L2 distance of the decoded x0 ("pixel"), and with a learned counter the mean pairwise
+    squared distance of its unit-normalised feature maps ("features", LPIPS-style: on blurry images the
+    pixel distance mostly measures blur, the features what was drawn).
 
     Per prompt, one trajectory starts from a seeded noise and follows the path's ODE (deterministic,
     so the branch point is one x_t) for `branch_step` steps of the exp grid; from there `samples`
-    copies continue with the SDE of the dynamics (g = 3 t^2 on the sampled path, Eq. 9 / 12) to
-    x0_hat at t_{T-1}, as the searches return it. Both dynamics branch at the same grid index, as a
-    search's proposals do; at that index the VP path is at a much lower SNR (index 3 of 10: VP time
-    0.954 is linear time 0.990), which is the paper's explanation of the diversity
-    (Sec. 5), so the two x_t are not the same point: each is its own path's state at step i."""
+    copies continue with the SDE of the dynamics (g = 3 t^2 on the sampled path, Eq. 9 / 12; the
+    ablation dynamics with their grid and g) to x0_hat at t_{T-1}, as the searches return it. Every
+    dynamics branches at the same grid index, as a search's proposals do; at that index the VP path is
+    at a much lower SNR (index 3 of 10: VP time 0.954 is linear time 0.990), which is the paper's
+    explanation of the diversity (Sec. 5), so the x_t are not the same point: each is its own path's
+    state at step i."""
     cond = flowscale.encode_prompts(pipe, prompts)
     model_velocity = flowscale.make_velocity(pipe, cond)
     P, M = len(prompts), samples
     # the CPU draws the noise (the same on every device), the model's device runs the rest
     eps = torch.randn((P, *pipe.latent_shape), generator=torch.Generator().manual_seed(seed)).to(pipe.device)
-    result = {}
-    for dynamics in ("linear-sde", "vp-sde"):
+    result = {"pixel": {}, "features": {}}
+    for dyn in dynamics:
         problem = search.Problem(velocity=model_velocity, reward=lambda x, p: x.flatten(1).sum(1),
-                                 shape=pipe.latent_shape, dynamics=dynamics, num_steps=steps,
+                                 shape=pipe.latent_shape, dynamics=dyn, num_steps=steps,
                                  time_shift=pipe.time_shift, device=pipe.device)
         ts = search.grid_times(problem).float().to(pipe.device)  # the searches' grid (FLUX.1-dev: shifted)
+        gs = search.grid_diffusion(problem, ts)  # g of every step, as the searches take it
 
         def velocity(x, t, prompt):  # the sampled path's velocity (Eq. 11 for VP), max_batch latents a call
             out = []
             for lo in range(0, len(x), max_batch):
                 rows = slice(lo, lo + max_batch)
                 model = functools.partial(model_velocity, prompt=prompt[rows])
-                if dynamics == "vp-sde":
+                if dyn == "vp-sde":
                     model = sde.convert_velocity(model, sde.LinearInterpolant(), problem.path)
                 out.append(model(x[rows], t[rows]))
             return torch.cat(out)
@@ -499,16 +507,25 @@ def diversity(pipe: flowscale.Pipeline, prompts: list[str], *, steps: int, branc
             if i == steps - 1:
                 x0_hat = sde.x0_hat_from_velocity(u_t, x, problem.path(t))
             else:
-                x = sde.euler_maruyama_step(x, u_t, t, ts[i + 1], problem.path, problem.g, generator=noise)
-        images = flowscale.decode(pipe, x0_hat).cpu().reshape(P, M, -1)  # (P, M, 3 H W)
-        result[dynamics] = [float(torch.pdist(images[p].double()).mean()) for p in range(P)]
+                x = sde.euler_maruyama_step(x, u_t, t, ts[i + 1], problem.path, lambda _, g_i=gs[i]: g_i,
+                                            generator=noise)
+        images = flowscale.decode(pipe, x0_hat).cpu()  # (P M, 3, H, W)
+        flat = images.reshape(P, M, -1)  # (P, M, 3 H W)
+        result["pixel"][dyn] = [float(torch.pdist(flat[p].double()).mean()) for p in range(P)]
+        if counter is not None:
+            with torch.no_grad():
+                f = counter.unit_features(images).double()  # (P M, C, h, w), unit channel vectors
+            f = (f / math.sqrt(f.shape[2] * f.shape[3])).reshape(P, M, -1)  # squared norms average the locations
+            result["features"][dyn] = [float(torch.pdist(f[p]).pow(2).mean()) for p in range(P)]
     return result
 
 
 def cached_diversity(cfg: BenchConfig, get_pipe) -> dict:
     """diversity(), stored in DIR/diversity.json and reused while its settings are unchanged."""
+    # claim 2's pair always, and the ablation dynamics of v5 Table 1 when the run has them
+    dynamics = [d for d in search.ALL_DYNAMICS if d in ("linear-sde", "vp-sde") or d in cfg.dynamics and d != "linear-ode"]
     settings = {"model": model_name(cfg), "prompts": cfg.prompts[:cfg.diversity_prompts], "steps": cfg.steps,
-                "branch_step": cfg.diversity_step, "samples": cfg.diversity_samples, "seed": 0}
+                "branch_step": cfg.diversity_step, "samples": cfg.diversity_samples, "seed": 0, "dynamics": dynamics}
     path = cfg.out / "diversity.json"
     if path.is_file():
         try:
@@ -517,9 +534,11 @@ def cached_diversity(cfg: BenchConfig, get_pipe) -> dict:
                 return saved
         except (ValueError, KeyError, TypeError) as e:  # a cache: a damaged one is measured again
             print(f"bench: {path} is damaged ({type(e).__name__}: {e}); measuring the diversity again", file=sys.stderr)
-    saved = {"settings": settings, "distances": diversity(get_pipe(), settings["prompts"], steps=cfg.steps,
-                                                          branch_step=cfg.diversity_step, samples=cfg.diversity_samples,
-                                                          max_batch=cfg.max_batch)}
+    pipe = get_pipe()
+    measured = diversity(pipe, settings["prompts"], steps=cfg.steps, branch_step=cfg.diversity_step,
+                         samples=cfg.diversity_samples, dynamics=tuple(dynamics), max_batch=cfg.max_batch,
+                         counter=pipe.counter)
+    saved = {"settings": settings, "distances": measured["pixel"], "feature_distances": measured["features"]}
     flowscale.write_atomic(path, json.dumps(saved, indent=2) + "\n")
     return saved
 
@@ -648,10 +667,11 @@ def claims(cfg: BenchConfig, s: dict, rows: list[dict], div: dict) -> list[str]:
     out.append(f"2. VP-SDE beats Linear-SDE (given reward, NFE {top}), and is more diverse from one x_t:")
     out += [f"   - {LABEL[m]} V.S. vs L.S.: {verdict(paired(by, (m, 'vp-sde', top), (m, 'linear-sde', top)))}"
             for m in PARTICLE_METHODS if ran((m, "vp-sde", top), (m, "linear-sde", top))]
-    dist = div.get("distances", {})
-    if len(dist) == 2:  # paired over the prompts (one branch point each)
-        d = mean_se([v - l for v, l in zip(dist["vp-sde"], dist["linear-sde"])])
-        out.append(f"   - diversity V.S. vs L.S. (mean pairwise L2, per prompt): {verdict(d)}")
+    for key, name in (("distances", "mean pairwise L2"), ("feature_distances", "learned-counter features")):
+        dist = div.get(key, {})
+        if "vp-sde" in dist and "linear-sde" in dist:  # paired over the prompts (one branch point each)
+            d = mean_se([v - l for v, l in zip(dist["vp-sde"], dist["linear-sde"])])
+            out.append(f"   - diversity V.S. vs L.S. ({name}, per prompt): {verdict(d)}")
     out.append("3. RBF on VP-SDE is the best method at equal NFE, and keeps improving where BoN plateaus:")
     for n in cfg.nfe:
         rivals = [(m, d, n) for m in cfg.methods for d in cfg.dynamics
@@ -735,14 +755,20 @@ def plot_reward_vs_nfe(cfg: BenchConfig, s: dict, path: Path) -> None:
 
 def plot_diversity(div: dict, path: Path) -> None:
     plt = _plt()
-    names = list(div["distances"])
-    stats = [mean_se(div["distances"][k]) for k in names]
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.bar([ABBR[k] for k in names], [v.mean for v in stats], yerr=[0 if math.isnan(v.se) else v.se for v in stats],
-           color=["tab:orange", "tab:blue"], capsize=4)
+    panels = [(k, label) for k, label in (("distances", "mean pairwise L2 of decoded x0"),
+                                           ("feature_distances", "learned-counter features (LPIPS-style)"))
+              if div.get(k)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        names = list(div[key])
+        stats = [mean_se(div[key][k]) for k in names]
+        ax.bar([ABBR[k] for k in names], [v.mean for v in stats], yerr=[0 if math.isnan(v.se) else v.se for v in stats],
+               color=[DYNAMICS_COLOUR[k] for k in names], capsize=4)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelsize=8)
     st = div["settings"]
-    ax.set_ylabel("mean pairwise L2 of decoded x0")
-    ax.set_title(f"diversity from one x_t (step {st['branch_step']} of {st['steps']}, {st['samples']} samples)", fontsize=9)
+    fig.suptitle(f"diversity from one x_t (step {st['branch_step']} of {st['steps']}, {st['samples']} samples, "
+                 f"{len(st['prompts'])} prompts)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -820,9 +846,12 @@ def write_report(cfg: BenchConfig, rows: list[dict], notes: list[str], div: dict
           f"Per prompt (the first {len(div['settings']['prompts'])}) and dynamics, one ODE trajectory of that "
           f"path to grid index {div['settings']['branch_step']} of {cfg.steps}, then {div['settings']['samples']} "
           f"SDE samples from there; mean pairwise L2 distance of their decoded x0 (images in [0, 1], "
-          f"mean ± se over prompts). The paper measures LPIPS-MPD (v5 Table 1).", "",
-          "| dynamics | mean pairwise L2 |", "|---|---|",
-          *[f"| {d} | {mean_se(v)} |" for d, v in div["distances"].items()], ""]
+          f"mean ± se over prompts), and the mean pairwise squared distance of the learned counter's "
+          f"unit-normalised feature maps (a perceptual-style distance; shape world only). The paper measures "
+          f"LPIPS-MPD (v5 Table 1).", "",
+          "| dynamics | mean pairwise L2 of the images | learned-counter features (LPIPS-style) |", "|---|---|---|",
+          *[f"| {d} | {mean_se(v)} | {mean_se(div.get('feature_distances', {}).get(d, []))} |"
+            for d, v in div["distances"].items()], ""]
     if has_rbf:
         md += ["## RBF: NFE spent per grid index (mean over prompts and seeds)", "",
                "| method | dynamics | NFE | per grid index 0, 1, ... |", "|---|---|---|---|"]

@@ -197,6 +197,13 @@ class LearnedCounter(nn.Module):
         h = self.features(images.to(p.dtype) - 0.5)                       # (B, C, H/4, W/4)
         return F.softplus(self.density(h)).sum((2, 3))                    # (B, K)
 
+    def unit_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the feature maps with unit-length channel vectors (B, C, H/4, W/4): a
+        perceptual-style representation, normalised per location as LPIPS normalises each layer."""
+        p = next(self.parameters())
+        h = self.features(images.to(p.dtype) - 0.5)                       # (B, C, H/4, W/4)
+        return h / h.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
     def targets(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Target counts (B, K) and the mask (B, K) of each prompt's categories."""
         target = torch.zeros(len(prompts), len(self.index))

@@ -464,10 +464,7 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     gens = [torch.Generator(device=problem.device).manual_seed(s) for s in seeds]
     ts = grid_times(problem).to(problem.dtype).to(problem.device)
     grid = _at(problem, ts)  # at t = 0 the conversion is 0 / 0: never used, no velocity is evaluated there
-    g = problem.g(ts) if problem.g is not None else torch.zeros_like(ts)
-    if problem.dynamics == "linear-sde+diffusion":  # g scaled as the VP conversion scales it, on the linear grid
-        k = sde.vp_conversion_halves(grid_times(problem))[1].to(g)
-        g = g * torch.cat([k, torch.ones_like(k[:1])])  # (T + 1,); no step leaves t_T
+    g = grid_diffusion(problem, ts)
     counts = new_counts(P, nfe)
     best = torch.full((P,), -math.inf, device=problem.device)
     return _State(problem, grid, g, sde.guidance_factor(grid.coeffs, g), counts, gens, callback, [], best,
@@ -486,6 +483,16 @@ def grid_times(problem: Problem) -> Tensor:
     if problem.dynamics == "linear-sde+time":  # the linear times of the VP grid's SNRs (Eq. 10)
         t = sde.vp_conversion_halves(t)[0]
     return t
+
+
+def grid_diffusion(problem: Problem, ts: Tensor) -> Tensor:
+    """g at the times ts (T + 1,) of grid_times: the dynamics' g(t) (zeros for the ODE), and under
+    "linear-sde+diffusion" scaled at every step by the VP conversion's k_i (sde.vp_conversion_halves)."""
+    g = problem.g(ts) if problem.g is not None else torch.zeros_like(ts)
+    if problem.dynamics == "linear-sde+diffusion":
+        k = sde.vp_conversion_halves(grid_times(problem))[1].to(g)
+        g = g * torch.cat([k, torch.ones_like(k[:1])])  # (T + 1,); no step leaves t_T
+    return g
 
 
 def _budget(nfe) -> int:

@@ -250,6 +250,20 @@ def test_the_ablation_dynamics_run_in_the_bench():
     assert cfg.dynamics == dynamics and {u.dynamics for u in units} == set(dynamics)
 
 
+def test_diversity_is_measured_for_every_sde_dynamics_in_pixels_and_counter_features(tiny_model):
+    pipe = flowscale.load_pipeline(tiny_model)
+    torch.manual_seed(0)
+    counter = rewards.LearnedCounter(rewards.CounterConfig()).eval()  # random weights: the measure, not its value
+    dynamics = ("linear-sde", "linear-sde+time", "linear-sde+diffusion", "vp-sde")
+    d = experiments.diversity(pipe, toyworld.heldout_prompts("counting", 2), steps=4, branch_step=1, samples=3,
+                              dynamics=dynamics, counter=counter)
+    assert tuple(d["pixel"]) == tuple(d["features"]) == dynamics
+    for kind in ("pixel", "features"):
+        for dyn in dynamics:
+            assert len(d[kind][dyn]) == 2 and all(v > 0 for v in d[kind][dyn]), (kind, dyn, d[kind][dyn])
+    assert all(v <= 4 for vs in d["features"].values() for v in vs)  # squared distances of unit vectors
+
+
 def test_the_hard_split_is_selectable():
     hard = experiments.config_from_args(args("--prompts", "8", "--split", "hard")).prompts
     assert hard == toyworld.heldout_prompts("counting", 8, split="hard")
