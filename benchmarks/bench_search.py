@@ -3,6 +3,7 @@
     python benchmarks/bench_search.py                  # every method at 500 NFE, one prompt
     python benchmarks/bench_search.py --ms 5 --runs 5  # a costlier velocity, more repetitions
     python benchmarks/bench_search.py --methods rbf,rbf+dps --allocation uniform --lookahead ode:2
+    python benchmarks/bench_search.py --embedded --threads 2 --methods none,bon,rbf  # on the embedded model
 
 The velocity is a per-token MLP (64 -> hidden -> 64 on a (16, 64) latent, applied `repeat` times),
 calibrated so that one call on 2 rows (RBF's and SVDD's smallest calls) costs at least `--ms`
@@ -103,6 +104,9 @@ def main():
     parser.add_argument("--allocation", default="rollover", help="rbf / rbf+dps: " + " | ".join(search.ALLOCATIONS))
     parser.add_argument("--lookahead", default="tweedie", help="tweedie | ode:K (methods with dps: tweedie only)")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps T (the plain sampler spends T NFE)")
+    parser.add_argument("--embedded", action="store_true",
+                        help="instead of the synthetic velocity: the embedded mini-FLUX.1-schnell on one hard held-out "
+                             "counting prompt (given reward -RSS; the dps methods: the learned counter)")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     if any(m not in search.METHODS for m in methods) or args.allocation not in ("rollover", "uniform"):
@@ -110,6 +114,9 @@ def main():
                      f"(threshold needs a reward level of this synthetic reward)")
     search.lookahead_steps(args.lookahead)
     torch.set_num_threads(args.threads)
+    if args.embedded:
+        embedded(args, methods)
+        return
     repeat = calibrate(args.hidden, args.ms)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
           f"velocity: {repeat} x MLP 64-{args.hidden}-64 on (16, 64) latents, >= {args.ms} ms per 2-row call\n")
@@ -144,6 +151,29 @@ def main():
         print(f"| {method} | {dynamics} | {nfe} | {calls} | {1e3 * wall:.0f} | {1e3 * model:.0f} | {1e3 * over:.1f} | "
               f"{100 * over / wall:.1f} | {1e6 * over / nfe:.0f} | {1e3 * sv:.0f} | {1e3 * sr:.1f} | "
               f"{1e3 * so:.1f} ({100 * so / (sv + sr + so):.1f}) |")
+
+
+def embedded(args, methods: list[str]) -> None:
+    """The split of SearchResult.seconds (velocity calls, reward calls, the rest) on the embedded model."""
+    import flowscale
+
+    pipe = flowscale.load_pipeline()
+    prompts = flowscale.heldout_prompts("counting", 1, split="hard")
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
+          f"embedded mini-FLUX.1-schnell (bf16), prompt {prompts[0]!r}, lookahead {args.lookahead}, "
+          f"rbf allocation {args.allocation}\n")
+    print("| method | dynamics | NFE used | wall s | velocity s | reward s | other s | other % |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method in methods:
+        dynamics = "linear-ode" if method in ("bon", "sop") else "vp-sde"
+        reward = "learned-counter" if method in search.DPS_METHODS else "counting"
+        lookahead = "tweedie" if method.endswith("dps") else args.lookahead
+        knobs = {"allocation": args.allocation} if method in ("rbf", "rbf+dps") else {}
+        runs = [flowscale.generate(pipe, prompts, method=method, dynamics=dynamics, nfe=args.nfe, num_steps=args.steps,
+                                   reward=reward, seed=0, lookahead=lookahead, **knobs) for _ in range(args.runs)]
+        sv, sr, so = (statistics.median(g.result.seconds[k] for g in runs) for k in ("velocity", "reward", "other"))
+        print(f"| {method} | {dynamics} | {runs[0].nfe_used[0]} | {sv + sr + so:.2f} | {sv:.2f} | {sr:.2f} | {so:.2f} | "
+              f"{100 * so / (sv + sr + so):.1f} |")
 
 
 if __name__ == "__main__":
