@@ -3,6 +3,7 @@ particle (lookahead), at equal NFE and at equal wall-clock.
 
     python benchmarks/beyond_the_paper.py                    # run (resumable) and report
     python benchmarks/beyond_the_paper.py --report-only      # the report from the rows already written
+    python benchmarks/beyond_the_paper.py --retime           # and time every setting again, quietly
 
 Every run is a `python flowscale.py bench` run of RBF on the VP-SDE (the paper's headline setting,
 10 steps, exp grid, g = 3t^2, N = 2 chains) with the counting task's given reward -RSS, on the first
@@ -30,6 +31,7 @@ Output: out/beyond/<model>/<setting>/ (the bench folders, resumable), then docs/
 """
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -41,11 +43,11 @@ sys.path.insert(0, str(ROOT))
 import experiments  # noqa: E402
 
 MODELS = {"schnell": "weights/mini-flux-schnell", "dev": "weights/mini-flux-dev"}
-SETTINGS = {  # name -> bench options
-    "rollover": [],
-    "uniform": ["--allocation", "uniform"],
-    "threshold": ["--allocation", "threshold", "--threshold", "0"],
-    "ode:3": ["--lookahead", "ode:3"],
+SETTINGS = {  # name -> the knobs of rbf (flowscale.generate / the bench's options of the same names)
+    "rollover": {},
+    "uniform": {"allocation": "uniform"},
+    "threshold": {"allocation": "threshold", "threshold": 0.0},
+    "ode:3": {"lookahead": "ode:3"},
 }
 # model -> setting -> NFE budgets: the full plan on the default (schnell), the main contrasts at 500 NFE
 # on dev (about 55 and 35 minutes on 2 cores at ~95 NFE/s; the reward is scored on every candidate)
@@ -59,7 +61,8 @@ PAIRS = [("uniform - rollover", "rollover", "uniform", 500), ("threshold - rollo
 
 
 def bench_args(model: str, setting: str, out: Path) -> list[str]:
-    extra, nfe = SETTINGS[setting], BUDGETS[model][setting]
+    extra = [a for k, v in SETTINGS[setting].items() for a in (f"--{k}", str(v))]
+    nfe = BUDGETS[model][setting]
     return ["--task", "counting", "--split", "hard", "--prompts", str(PROMPTS), "--seeds", str(SEEDS),
             "--methods", "rbf", "--dynamics", "vp-sde", "--nfe", nfe, "--batch", "16", "--model", MODELS[model],
             "--diversity-prompts", "1", "--diversity-samples", "2", "--out", str(out), *extra]
@@ -95,23 +98,30 @@ def report(root: Path) -> str:
     lines = ["# Beyond the paper on the embedded models: RBF's allocation and lookahead", "",
              f"Written by `python benchmarks/beyond_the_paper.py` (its docstring has the plan). RBF on the VP-SDE, "
              f"10 steps, N = 2 chains, given reward -RSS, the first {PROMPTS} hard held-out counting prompts x "
-             f"{SEEDS} seeds. Mean +- standard error over (prompt, seed).", ""]
+             f"{SEEDS} seeds. Mean +- standard error over (prompt, seed). 's / prompt (run)': the run's own wall "
+             f"seconds (its cores were shared at times); 's / prompt (quiet)': the same settings timed again on "
+             f"16 prompts with nothing else running (`--retime`), which the equal wall-clock pairing uses.", ""]
     for model in MODELS:
         table = load(root / model)
         if not table:
             continue
+        quiet = quiet_seconds(root, model) or {}
         lines += [f"## {model}", "", "| setting | NFE | -RSS (given) | accuracy (exact) | learned-counter acc. | "
-                  "fidelity | NFE used | s / prompt | n |", "|---|---|---|---|---|---|---|---|---|"]
+                  "fidelity | NFE used | s / prompt (run) | s / prompt (quiet) | n |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for (setting, nfe), rows in sorted(table.items(), key=lambda kv: (list(SETTINGS).index(kv[0][0]), kv[0][1])):
             cells = []
-            for metric in ("given_reward", *HELD_OUT, "nfe_used", "seconds"):
+            for metric in ("given_reward", *HELD_OUT):
                 m, se = mean_se(np.array([r[metric] for r in rows.values()]))
-                cells.append(f"{m:.3f} +- {se:.3f}" if metric not in ("nfe_used", "seconds") else f"{m:.{1 if metric == 'nfe_used' else 2}f}")
+                cells.append(f"{m:.3f} +- {se:.3f}")
+            cells.append(f"{np.mean([r['nfe_used'] for r in rows.values()]):.1f}")
+            cells.append(f"{np.mean([r['seconds'] for r in rows.values()]):.2f}")
+            cells.append(f"{quiet[setting, nfe]:.2f}" if (setting, nfe) in quiet else "")
             lines.append(f"| {setting} | {nfe} | " + " | ".join(cells) + f" | {len(rows)} |")
         lines += ["", "Paired differences (b - a over the same prompt and seed; verdict: beyond 2 SE):", "",
                   "| comparison | NFE | d(-RSS) | d(accuracy) | d(learned-counter acc.) | d(fidelity) | "
-                  "d(s / prompt) | n | verdict on -RSS |", "|---|---|---|---|---|---|---|---|---|"]
-        for label, a, b, nfe in PAIRS + equal_time_pairs(table):
+                  "d(s / prompt, run) | n | verdict on -RSS |", "|---|---|---|---|---|---|---|---|---|"]
+        for label, a, b, nfe in PAIRS + equal_time_pairs(table, quiet or run_seconds(table)):
             nfe_a, nfe_b = (nfe, nfe) if isinstance(nfe, int) else nfe
             if (a, nfe_a) not in table or (b, nfe_b) not in table:
                 continue
@@ -127,17 +137,49 @@ def report(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def equal_time_pairs(table: dict) -> list:
-    """threshold at 500 NFE against rollover at the budget whose mean wall seconds is nearest below
-    threshold's (its curve: 100, 300, 500 on schnell): the comparison at (about) equal wall-clock."""
-    if ("threshold", 500) not in table:
+def equal_time_pairs(table: dict, seconds: dict) -> list:
+    """threshold at 500 NFE against rollover at the largest budget whose wall seconds per prompt are at
+    most threshold's (its curve: 100, 300, 500 on schnell): the comparison at (about) equal wall-clock.
+    `seconds`: (setting, NFE) -> seconds per prompt (the quiet re-timing when there is one)."""
+    if ("threshold", 500) not in seconds:
         return []
-    t = np.mean([r["seconds"] for r in table[("threshold", 500)].values()])
-    budgets = [nfe for (s, nfe) in table if s == "rollover"]
-    below = [nfe for nfe in budgets if np.mean([r["seconds"] for r in table[("rollover", nfe)].values()]) <= t]
+    below = [nfe for (s, nfe) in seconds if s == "rollover" and seconds[s, nfe] <= seconds["threshold", 500]]
     if not below:
         return []
     return [("threshold - rollover, equal wall-clock", "rollover", "threshold", (max(below), 500))]
+
+
+def run_seconds(table: dict) -> dict:
+    """(setting, NFE) -> mean wall seconds per prompt of the run itself."""
+    return {k: float(np.mean([r["seconds"] for r in rows.values()])) for k, rows in table.items()}
+
+
+def retime(root: Path, model: str) -> dict:
+    """Wall seconds per prompt of every (setting, NFE) of the plan on `model`, measured again one after
+    the other on the run's first chunk (16 prompts, seed 0) with nothing else running: the run's own
+    seconds include whatever else shared the cores while it ran. Written to <root>/<model>/retime.json."""
+    import flowscale
+
+    pipe = flowscale.load_pipeline(ROOT / MODELS[model])
+    prompts = flowscale.heldout_prompts("counting", 16, split="hard")
+    out = {}
+    for setting, budgets in BUDGETS[model].items():
+        for nfe in map(int, budgets.split(",")):
+            generation = flowscale.generate(pipe, prompts, method="rbf", dynamics="vp-sde", nfe=nfe, reward="counting",
+                                            seed=flowscale.chunk_seed(0, 0), **SETTINGS[setting])
+            out[f"{setting} {nfe}"] = {"seconds": generation.seconds / len(prompts)} | \
+                {k: v / len(prompts) for k, v in generation.result.seconds.items()}
+            print(f"retime {model} {setting} {nfe}: {out[f'{setting} {nfe}']['seconds']:.2f} s / prompt", flush=True)
+    (root / model / "retime.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def quiet_seconds(root: Path, model: str) -> dict | None:
+    path = root / model / "retime.json"
+    if not path.is_file():
+        return None
+    timed = json.loads(path.read_text())  # "setting NFE" -> seconds per prompt and their split
+    return {(k.rsplit(" ", 1)[0], int(k.rsplit(" ", 1)[1])): v["seconds"] for k, v in timed.items()}
 
 
 def figure(root: Path, path: Path) -> None:
@@ -148,12 +190,13 @@ def figure(root: Path, path: Path) -> None:
     colours = {"rollover": "tab:blue", "uniform": "tab:orange", "threshold": "tab:green", "ode:3": "tab:purple"}
     for row, model in enumerate(MODELS):
         table = load(root / model)
+        seconds = quiet_seconds(root, model) or run_seconds(table)
         for setting in SETTINGS:
-            points = sorted(nfe for (s, nfe) in table if s == setting)
+            points = sorted(nfe for (s, nfe) in table if s == setting and (s, nfe) in seconds)
             if not points:
                 continue
             acc = [mean_se(np.array([r["accuracy"] for r in table[(setting, p)].values()])) for p in points]
-            secs = [np.mean([r["seconds"] for r in table[(setting, p)].values()]) for p in points]
+            secs = [seconds[setting, p] for p in points]
             for ax, xs in zip(axes[row], (points, secs)):
                 ax.errorbar(xs, [a[0] for a in acc], yerr=[a[1] for a in acc], marker="o", capsize=3,
                             color=colours[setting], label=setting)
@@ -171,6 +214,8 @@ def main() -> int:
     p.add_argument("--out", default="out/beyond", help="root of the bench folders (resumable)")
     p.add_argument("--report-only", action="store_true", help="only write the report from the rows on disk")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    p.add_argument("--retime", action="store_true",
+                   help="after the runs, time every setting again on 16 prompts (nothing else should run meanwhile)")
     args = p.parse_args()
     root = Path(args.out)
     models = [m for m in args.models.split(",") if m]
@@ -184,6 +229,9 @@ def main() -> int:
                 code = experiments.main(bench_args(model, setting, root / model / setting.replace(":", "")))
                 if code:
                     return code
+    if args.retime:
+        for model in models:
+            retime(root, model)
     docs = ROOT / "docs" / "results"
     (docs / "beyond.md").write_text(report(root))
     figure(root, docs / "beyond.png")
