@@ -27,10 +27,12 @@ learned counter's accuracy (a CNN, independent of the detector) and the fidelity
 re-render. Wall seconds are per prompt (a call's time over its 16 prompts).
 
 Output: out/beyond/<model>/<setting>/ (the bench folders, resumable), then docs/results/beyond.md
-(the tables) and docs/results/beyond.png (reward and accuracy vs NFE and vs wall seconds).
+(the tables), docs/results/beyond.png (accuracy vs NFE and vs wall seconds) and docs/results/beyond.csv
+(every row: model, setting, NFE, seed, prompt and its metrics, from which every table is recomputed).
 """
 
 import argparse
+import csv
 import json
 import math
 import sys
@@ -76,6 +78,23 @@ def load(out: Path) -> dict[tuple[str, int], dict[tuple[int, int], dict]]:
             values = {m: float(row[m]) for m in ("given_reward", "seconds", "nfe_used", *HELD_OUT)}
             table.setdefault((setting, int(row["nfe"])), {})[(int(row["prompt_id"]), int(row["seed"]))] = values
     return table
+
+
+CSV_COLUMNS = ["model", "setting", "nfe", "seed", "prompt_id", "prompt", "given_reward", "accuracy",
+               "counter_accuracy", "fidelity", "nfe_used", "seconds"]
+
+
+def export_csv(root: Path, path: Path) -> int:
+    """Every row of every bench folder in one CSV (the raw data of the report, one row per model,
+    setting, NFE, seed and prompt); returns the number of rows."""
+    out = []
+    for model in MODELS:
+        for setting in SETTINGS:
+            for row in experiments.read_rows(root / model / setting.replace(":", "") / "results.csv"):
+                out.append([model, setting] + [row[c] for c in CSV_COLUMNS[2:]])
+    with open(path, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([CSV_COLUMNS] + out)
+    return len(out)
 
 
 def mean_se(v: np.ndarray) -> tuple[float, float]:
@@ -235,7 +254,8 @@ def main() -> int:
     docs = ROOT / "docs" / "results"
     (docs / "beyond.md").write_text(report(root))
     figure(root, docs / "beyond.png")
-    print(f"wrote {docs / 'beyond.md'} and {docs / 'beyond.png'}")
+    n = export_csv(root, docs / "beyond.csv")
+    print(f"wrote {docs / 'beyond.md'}, {docs / 'beyond.png'} and {docs / 'beyond.csv'} ({n} rows)")
     return 0
 
 
