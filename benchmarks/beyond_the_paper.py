@@ -157,15 +157,14 @@ def report(root: Path) -> str:
 
 
 def equal_time_pairs(table: dict, seconds: dict) -> list:
-    """threshold at 500 NFE against rollover at the largest budget whose wall seconds per prompt are at
-    most threshold's (its curve: 100, 300, 500 on schnell): the comparison at (about) equal wall-clock.
+    """threshold at 500 NFE against rollover at the budget whose wall seconds per prompt are nearest to
+    threshold's (its curve: 100, 300, 500 on schnell): the comparison at (about) equal wall-clock.
     `seconds`: (setting, NFE) -> seconds per prompt (the quiet re-timing when there is one)."""
-    if ("threshold", 500) not in seconds:
+    budgets = [nfe for (s, nfe) in seconds if s == "rollover"]
+    if ("threshold", 500) not in seconds or not budgets:
         return []
-    below = [nfe for (s, nfe) in seconds if s == "rollover" and seconds[s, nfe] <= seconds["threshold", 500]]
-    if not below:
-        return []
-    return [("threshold - rollover, equal wall-clock", "rollover", "threshold", (max(below), 500))]
+    nearest = min(budgets, key=lambda nfe: abs(seconds["rollover", nfe] - seconds["threshold", 500]))
+    return [("threshold - rollover, equal wall-clock", "rollover", "threshold", (nearest, 500))]
 
 
 def run_seconds(table: dict) -> dict:
@@ -203,6 +202,7 @@ def quiet_seconds(root: Path, model: str) -> dict | None:
 
 def figure(root: Path, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(MODELS), 2, figsize=(10, 4 * len(MODELS)), squeeze=False)
@@ -224,6 +224,10 @@ def figure(root: Path, path: Path) -> None:
         axes[row][1].set(xscale="log", xlabel="wall seconds per prompt (2 CPU cores)", ylabel="exact counting accuracy",
                          title=f"{model}: accuracy vs wall-clock")
         axes[row][0].legend()
+        for ax in axes[row]:  # plain numbers on the log axes
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.tick_params(axis="x", which="both", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
