@@ -193,7 +193,8 @@ def config_from_args(args) -> BenchConfig:
             raise ValueError(f"--{name} is too large: {value} (at most {LIMITS[name]})")
     return BenchConfig(task=args.task, reward=reward, methods=_split(args.methods or default_methods, "methods", search.METHODS),
                        dynamics=_split(args.dynamics, "dynamics", search.ALL_DYNAMICS), nfe=nfe,
-                       prompts=load_prompts(str(pick("prompts")), args.task, args.prompt_seed, args.split), seeds=pick("seeds"),
+                       prompts=load_prompts(str(pick("prompts")), args.task, args.prompt_seed, args.split),
+                       seeds=pick("seeds"),
                        steps=args.steps, batch=args.batch, out=Path(args.out), model=args.model, height=args.height,
                        width=args.width, diversity_samples=pick("diversity_samples"),
                        diversity_prompts=pick("diversity_prompts"), diversity_step=max(1, round(0.3 * args.steps)),
@@ -257,8 +258,8 @@ def knobs_of(cfg: BenchConfig, method: str, nfe: int) -> dict:
 
 
 def unit_keys(cfg: BenchConfig, unit: Unit) -> list[tuple[str, ...]]:
-    return [(model_label(cfg), cfg.task, cfg.reward, str(cfg.steps), unit.method, unit.dynamics, str(unit.nfe), str(unit.seed),
-             str(cfg.batch), str(i), cfg.prompts[i]) for i in unit.prompt_ids]
+    return [(model_label(cfg), cfg.task, cfg.reward, str(cfg.steps), unit.method, unit.dynamics, str(unit.nfe),
+             str(unit.seed), str(cfg.batch), str(i), cfg.prompts[i]) for i in unit.prompt_ids]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -523,7 +524,8 @@ def diversity(pipe: flowscale.Pipeline, prompts: list[str], *, steps: int, branc
 def cached_diversity(cfg: BenchConfig, get_pipe) -> dict:
     """diversity(), stored in DIR/diversity.json and reused while its settings are unchanged."""
     # claim 2's pair always, and the ablation dynamics of v5 Table 1 when the run has them
-    dynamics = [d for d in search.ALL_DYNAMICS if d in ("linear-sde", "vp-sde") or d in cfg.dynamics and d != "linear-ode"]
+    dynamics = [d for d in search.ALL_DYNAMICS
+                if d != "linear-ode" and (d in ("linear-sde", "vp-sde") or d in cfg.dynamics)]
     settings = {"model": model_name(cfg), "prompts": cfg.prompts[:cfg.diversity_prompts], "steps": cfg.steps,
                 "branch_step": cfg.diversity_step, "samples": cfg.diversity_samples, "seed": 0, "dynamics": dynamics}
     path = cfg.out / "diversity.json"
@@ -575,11 +577,17 @@ class Summary:
     nfe_per_step: list[list[int]] = field(default_factory=list)  # one list per row
 
 
+def _metric(row: dict, name: str) -> float:
+    """A row's metric as a number; nan where the row has none (an empty CSV cell), which mean_se skips."""
+    value = row[name]
+    return math.nan if value == "" else float(value)
+
+
 def summarize(rows: list[dict]) -> dict[tuple[str, str, int], Summary]:
     groups: dict[tuple[str, str, int], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["dynamics"], int(r["nfe"])), []).append(r)
-    return {k: Summary({m: mean_se([float(r[m]) if r[m] else math.nan for r in g]) for m in METRICS},
+    return {k: Summary({m: mean_se([_metric(r, m) for r in g]) for m in METRICS},
                        [[int(s) for s in r["nfe_per_step"].split("|")] for r in g]) for k, g in groups.items()}
 
 
@@ -606,17 +614,22 @@ def paired(by: dict, a: tuple[str, str, int], b: tuple[str, str, int], metric: s
     """Mean and standard error of metric(a) - metric(b) over the (prompt, seed) pairs that both settings
     ran: each prompt and seed is its own control, so the spread between prompts cancels."""
     ra, rb = by.get(a, {}), by.get(b, {})
-    return mean_se([float(ra[k][metric]) - float(rb[k][metric]) for k in sorted(set(ra) & set(rb))
-                    if ra[k][metric] and rb[k][metric]])
+    return mean_se([_metric(ra[k], metric) - _metric(rb[k], metric) for k in sorted(set(ra) & set(rb))])
 
 
-def verdict(d: Stat) -> str:
+def decision(d: Stat) -> str:
     """'yes' / 'no' when a paired difference d lies more than 2 standard errors above / below 0, else
     'inconclusive' (the rule fixed before any run: about a 5% two-sided test)."""
     if d.n < 2 or math.isnan(d.se):
-        return f"inconclusive: {d.mean:+.3f}, n = {d.n}"
-    word = "yes" if d.mean > 2 * d.se else "no" if d.mean < -2 * d.se else "inconclusive"
-    return f"{word}: {d.mean:+.3f} ± {d.se:.3f} (paired, n = {d.n})"
+        return "inconclusive"
+    return "yes" if d.mean > 2 * d.se else "no" if d.mean < -2 * d.se else "inconclusive"
+
+
+def verdict(d: Stat) -> str:
+    """decision(d) with the numbers it rests on."""
+    if d.n < 2 or math.isnan(d.se):
+        return f"{decision(d)}: {d.mean:+.3f}, n = {d.n}"
+    return f"{decision(d)}: {d.mean:+.3f} ± {d.se:.3f} (paired, n = {d.n})"
 
 
 def _negated(a: Stat) -> Stat:
@@ -646,7 +659,8 @@ def table45(cfg: BenchConfig, s: dict) -> list[str]:
     """Like the paper's Tables 4-5: one line per method, dynamics and NFE."""
     lines = [f"| method | dynamics | NFE | {reward_label(cfg)} † | RSS ↓ | accuracy ↑ | composition ↑ | fidelity ↑ | "
              f"NFE used | s / prompt | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (m, d, n), v in sorted(s.items(), key=lambda kv: (search.METHODS.index(kv[0][0]), search.ALL_DYNAMICS.index(kv[0][1]), kv[0][2])):
+    for (m, d, n), v in sorted(s.items(), key=lambda kv: (search.METHODS.index(kv[0][0]),
+                                                          search.ALL_DYNAMICS.index(kv[0][1]), kv[0][2])):
         st = v.stats
         lines.append(f"| {LABEL[m]} | {d} | {n} | {st['given_reward']} | {st['rss']} | {st['accuracy']} | "
                      f"{st['composition']} | {st['fidelity']} | {st['nfe_used'].mean:.1f} | {st['seconds'].mean:.2f} | {st['given_reward'].n} |")
@@ -755,9 +769,9 @@ def plot_reward_vs_nfe(cfg: BenchConfig, s: dict, path: Path) -> None:
 
 def plot_diversity(div: dict, path: Path) -> None:
     plt = _plt()
-    panels = [(k, label) for k, label in (("distances", "mean pairwise L2 of decoded x0"),
-                                           ("feature_distances", "learned-counter features (LPIPS-style)"))
-              if div.get(k)]
+    labels = {"distances": "mean pairwise L2 of decoded x0",
+              "feature_distances": "learned-counter features (LPIPS-style)"}
+    panels = [(k, label) for k, label in labels.items() if div.get(k)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         names = list(div[key])
@@ -878,7 +892,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=None, help="comma list of " + ", ".join(search.METHODS) +
                         " [none,bon,sop,smc,code,svdd,rbf; learned-counter: none,dps,svdd+dps,rbf+dps]")
     parser.add_argument("--dynamics", default=",".join(search.DYNAMICS),
-                        help="comma list of " + ", ".join(search.ALL_DYNAMICS) + " (the last two: v5 Table 1's ablation)")
+                        help="comma list of " + ", ".join(search.ALL_DYNAMICS) +
+                             " (the last two: v5 Table 1's ablation)")
     parser.add_argument("--nfe", default=None, help="comma list of NFE budgets per prompt [50,100,200,500 / 50,100]")
     parser.add_argument("--prompts", default=None, help="N held-out prompts of the task, or a file [16 / 4]")
     parser.add_argument("--prompt-seed", type=int, default=0, help="which N held-out prompts")

@@ -191,17 +191,19 @@ class LearnedCounter(nn.Module):
         nn.init.constant_(self.density.bias, -4.0)
         self.index = {tuple(c.split()): i for i, c in enumerate(config.categories)}
 
+    def feature_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the convolutional features (B, C, H/4, W/4)."""
+        p = next(self.parameters())
+        return self.features(images.to(p.dtype) - 0.5)
+
     def counts(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> predicted count of every category, (B, K)."""
-        p = next(self.parameters())
-        h = self.features(images.to(p.dtype) - 0.5)                       # (B, C, H/4, W/4)
-        return F.softplus(self.density(h)).sum((2, 3))                    # (B, K)
+        return F.softplus(self.density(self.feature_maps(images))).sum((2, 3))  # (B, K)
 
     def unit_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> the feature maps with unit-length channel vectors (B, C, H/4, W/4): a
         perceptual-style representation, normalised per location as LPIPS normalises each layer."""
-        p = next(self.parameters())
-        h = self.features(images.to(p.dtype) - 0.5)                       # (B, C, H/4, W/4)
+        h = self.feature_maps(images)                                      # (B, C, H/4, W/4)
         return h / h.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
     def targets(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -468,7 +468,7 @@ def _start(problem: Problem, nfe: int, generator: torch.Generator, callback, met
     counts = new_counts(P, nfe)
     best = torch.full((P,), -math.inf, device=problem.device)
     return _State(problem, grid, g, sde.guidance_factor(grid.coeffs, g), counts, gens, callback, [], best,
-                counts.nfe.clone(), start=start, times=ts.tolist())
+                  counts.nfe.clone(), start=start, times=ts.tolist())
 
 
 def grid_times(problem: Problem) -> Tensor:
@@ -555,6 +555,7 @@ def _evaluate_layout(state: _State, x: Tensor, i: Tensor | int, n: int, *, rewar
         idx = mask.nonzero().flatten()  # a device read: which rows run depends on the mask
         sub = _evaluate_at(state.problem, state.counts, x[idx], state.grid.index(i[idx]), _rows(state, n)[idx],
                            reward=reward, grad=grad, prompt_cpu=state.rows_cpu[n][idx.cpu()])
+
         def put(a: Tensor | None, fill: Tensor) -> Tensor | None:  # the evaluated rows into `fill`
             return None if a is None else fill.index_copy(0, idx, a)
 
@@ -950,7 +951,7 @@ def rbf(problem: Problem, nfe: int, *, generator: torch.Generator, callback=None
     for _ in range(draws):
         cand = _propose(state, x, ev, stage, n, dps_beta)  # one candidate per chain (noise drawn for all)
         cand_ev = _evaluate_layout(state, cand, stage + 1, n, reward=True, grad=guided,
-                        mask=active if allocation == "threshold" else None)
+                                   mask=active if allocation == "threshold" else None)
         drawn += active
         spent[chains, stage + 1] += cost * active
         better = active & (cand_ev.reward > best_r)

@@ -20,8 +20,9 @@ fixed before the run, not chosen by its results:
 at the budgets of BUDGETS (all four at 500 NFE on both models).
 
 Comparisons are paired over (prompt, seed): the same prompt and seed under two settings, mean
-difference +- its standard error. Verdict rule, fixed in advance: "better" / "worse" when the paired
-mean differs from 0 by more than 2 standard errors, else "no difference detected". Held-out metrics
+difference +- its standard error (experiments.paired). Verdict rule, fixed in advance, the bench's own
+(experiments.decision): "yes" / "no" (b better / worse than a) when the paired mean differs from 0 by
+more than 2 standard errors, else "inconclusive". Held-out metrics
 beside the given reward: the exact accuracy (the same detector as -RSS: not independent), the
 learned counter's accuracy (a CNN, independent of the detector) and the fidelity to a clean
 re-render. Wall seconds are per prompt (a call's time over its 16 prompts).
@@ -34,7 +35,6 @@ Output: out/beyond/<model>/<setting>/ (the bench folders, resumable), then docs/
 import argparse
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -97,22 +97,6 @@ def export_csv(root: Path, path: Path) -> int:
     return len(out)
 
 
-def mean_se(v: np.ndarray) -> tuple[float, float]:
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan
-
-
-def verdict(mean: float, se: float) -> str:
-    if not math.isfinite(se) or abs(mean) <= 2 * se:
-        return "no difference detected"
-    return "better" if mean > 0 else "worse"
-
-
-def paired(a: dict, b: dict, metric: str) -> tuple[float, float, int]:
-    keys = sorted(set(a) & set(b))
-    d = np.array([b[k][metric] - a[k][metric] for k in keys])
-    return (*mean_se(d), len(keys)) if keys else (math.nan, math.nan, 0)
-
-
 def report(root: Path) -> str:
     lines = ["# Beyond the paper on the embedded models: RBF's allocation and lookahead", "",
              f"Written by `python benchmarks/beyond_the_paper.py` (its docstring has the plan). RBF on the VP-SDE, "
@@ -131,27 +115,25 @@ def report(root: Path) -> str:
         for (setting, nfe), rows in sorted(table.items(), key=lambda kv: (list(SETTINGS).index(kv[0][0]), kv[0][1])):
             cells = []
             for metric in ("given_reward", *HELD_OUT):
-                m, se = mean_se(np.array([r[metric] for r in rows.values()]))
-                cells.append(f"{m:.3f} +- {se:.3f}")
+                st = experiments.mean_se([r[metric] for r in rows.values()])
+                cells.append(f"{st.mean:.3f} +- {st.se:.3f}")
             cells.append(f"{np.mean([r['nfe_used'] for r in rows.values()]):.1f}")
             cells.append(f"{np.mean([r['seconds'] for r in rows.values()]):.2f}")
             cells.append(f"{quiet[setting, nfe]:.2f}" if (setting, nfe) in quiet else "")
             lines.append(f"| {setting} | {nfe} | " + " | ".join(cells) + f" | {len(rows)} |")
-        lines += ["", "Paired differences (b - a over the same prompt and seed; verdict: beyond 2 SE):", "",
+        lines += ["", "Paired differences (b - a over the same prompt and seed):", "",
                   "| comparison | NFE | d(-RSS) | d(accuracy) | d(learned-counter acc.) | d(fidelity) | "
-                  "d(s / prompt, run) | n | verdict on -RSS |", "|---|---|---|---|---|---|---|---|---|"]
+                  "d(s / prompt, run) | n | b better on -RSS? (beyond 2 SE) |", "|---|---|---|---|---|---|---|---|---|"]
         for label, a, b, nfe in PAIRS + equal_time_pairs(table, quiet or run_seconds(table)):
             nfe_a, nfe_b = (nfe, nfe) if isinstance(nfe, int) else nfe
             if (a, nfe_a) not in table or (b, nfe_b) not in table:
                 continue
-            ra, rb = table[(a, nfe_a)], table[(b, nfe_b)]
-            cells, n = [], 0
-            for metric in ("given_reward", *HELD_OUT, "seconds"):
-                m, se, n = paired(ra, rb, metric)
-                cells.append(f"{m:+.3f} +- {se:.3f}")
-            m, se, _ = paired(ra, rb, "given_reward")
+            diffs = {metric: experiments.paired(table, (b, nfe_b), (a, nfe_a), metric)
+                     for metric in ("given_reward", *HELD_OUT, "seconds")}
+            cells = [f"{d.mean:+.3f} +- {d.se:.3f}" for d in diffs.values()]
             at = nfe if isinstance(nfe, int) else f"{nfe_b} vs {nfe_a}"
-            lines.append(f"| {label} | {at} | " + " | ".join(cells) + f" | {n} | {verdict(m, se)} |")
+            lines.append(f"| {label} | {at} | " + " | ".join(cells) +
+                         f" | {diffs['given_reward'].n} | {experiments.decision(diffs['given_reward'])} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -214,10 +196,10 @@ def figure(root: Path, path: Path) -> None:
             points = sorted(nfe for (s, nfe) in table if s == setting and (s, nfe) in seconds)
             if not points:
                 continue
-            acc = [mean_se(np.array([r["accuracy"] for r in table[(setting, p)].values()])) for p in points]
+            acc = [experiments.mean_se([r["accuracy"] for r in table[(setting, p)].values()]) for p in points]
             secs = [seconds[setting, p] for p in points]
             for ax, xs in zip(axes[row], (points, secs)):
-                ax.errorbar(xs, [a[0] for a in acc], yerr=[a[1] for a in acc], marker="o", capsize=3,
+                ax.errorbar(xs, [a.mean for a in acc], yerr=[a.se for a in acc], marker="o", capsize=3,
                             color=colours[setting], label=setting)
         axes[row][0].set(xscale="log", xlabel="NFE budget per prompt", ylabel="exact counting accuracy",
                          title=f"{model}: accuracy vs NFE")

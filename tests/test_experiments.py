@@ -314,6 +314,11 @@ def test_paired_differences_cancel_the_spread_between_prompts():
     noisy = experiments.mean_se([0.3, -0.2, 0.1, -0.1])  # mean 0.025, se 0.11: within 2 se
     assert experiments.verdict(noisy).startswith("inconclusive")
     assert experiments.verdict(experiments.mean_se([0.5])).startswith("inconclusive")  # n = 1: no standard error
+    # numbers work as well as CSV strings, a 0.0 included; an empty cell (no such metric) is not a pair
+    floats = {("a", "d", 1): {(0, 0): {"m": 0.0}, (1, 0): {"m": 1.0}, (2, 0): {"m": ""}},
+              ("b", "d", 1): {(0, 0): {"m": 0.5}, (1, 0): {"m": 1.5}, (2, 0): {"m": "3"}}}
+    d = experiments.paired(floats, ("b", "d", 1), ("a", "d", 1), "m")
+    assert d.n == 2 and d.mean == pytest.approx(0.5) and experiments.decision(d) == "yes"
 
 
 def test_chunk_seeds_are_distinct_and_fixed():

@@ -638,8 +638,8 @@ def test_bench_passes_the_knobs_to_rbf_only():
     assert any("rbf vp-sde NFE 40: below its minimum budget of 60" in n for n in notes)
     # the paper's other two RBF ablations: Alg. 2's single initial particle, and no rollover
     args = experiments.build_parser().parse_args(["--quick", "--init-particles", "1", "--no-rollover"])
-    assert experiments.knobs_of(experiments.config_from_args(args), "rbf", 100) == {"init_particles": 1,
-                                                                                   "rollover": False}
+    knobs = experiments.knobs_of(experiments.config_from_args(args), "rbf", 100)
+    assert knobs == {"init_particles": 1, "rollover": False}
 
 
 # -----------------------------------------------------------------------------------------------
