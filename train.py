@@ -527,6 +527,27 @@ def one_step_images(pipe, prompts: list[str], seed: int):
         return flowscale.decode(pipe, eps - u)                                    # x0_hat = x_1 - 1 * u_1
 
 
+def run_metrics(pipe, kind: str, prompts: list[str], settings: dict | None, seed: int, batch: int = 50,
+                desc: str = "eval") -> list[dict]:
+    """Held-out metrics (flowscale.heldout_metrics) of one run of EVAL_RUNS, one dict per prompt; the
+    chunk starting at prompt i uses seed + i, so a prompt gets the same noise under every model."""
+    import flowscale
+
+    metrics = []
+    for i in tqdm(range(0, len(prompts), batch), desc=desc, dynamic_ncols=True):
+        chunk = prompts[i:i + batch]
+        if settings is None:
+            metrics += flowscale.heldout_metrics(one_step_images(pipe, chunk, seed + i), chunk, pipe.counter)
+        else:
+            metrics += flowscale.generate(pipe, chunk, reward=kind, seed=seed + i, **settings).metrics
+    return metrics
+
+
+def _eval_keys(kind: str) -> tuple[str, ...]:
+    return ("accuracy", "rss", "fidelity", "counter_accuracy") if kind == "counting" else \
+        ("composition", "fidelity", "counter_accuracy")
+
+
 def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int = 50, bon_nfe: int = 500) -> dict:
     """The samplers of EVAL_RUNS on the first `n_prompts` hard held-out prompts of each task
     (toyworld.heldout_prompts(kind, n, seed, split="hard")), one sample per prompt, scored by the
@@ -553,17 +574,10 @@ def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int
         for label, settings in runs.items():
             if settings is not None and settings["method"] == "bon" and kind != "counting":
                 continue
-            start, metrics = time.perf_counter(), []
-            for i in tqdm(range(0, n_prompts, batch), desc=f"eval {Path(folder).name} {kind}: {label}",
-                          dynamic_ncols=True):
-                chunk = prompts[i:i + batch]
-                if settings is None:
-                    metrics += flowscale.heldout_metrics(one_step_images(pipe, chunk, seed + i), chunk, pipe.counter)
-                else:
-                    metrics += flowscale.generate(pipe, chunk, reward=kind, seed=seed + i, **settings).metrics
-            keys = ("accuracy", "rss") if kind == "counting" else ("composition",)
-            scores[kind][label] = {**{k: mean_se([m[k] for m in metrics])
-                                      for k in (*keys, "fidelity", "counter_accuracy")},
+            start = time.perf_counter()
+            metrics = run_metrics(pipe, kind, prompts, settings, seed, batch,
+                                  desc=f"eval {Path(folder).name} {kind}: {label}")
+            scores[kind][label] = {**{k: mean_se([m[k] for m in metrics]) for k in _eval_keys(kind)},
                                    "seconds": round(time.perf_counter() - start, 1)}
     meta_file = Path(folder) / "flowscale.json"
     meta = json.loads(meta_file.read_text())
@@ -572,6 +586,31 @@ def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int
     flowscale.write_atomic(meta_file, json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta["eval"], indent=2))
     return meta["eval"]
+
+
+def compare(old: str | Path, new: str | Path, n_prompts: int = 200, seed: int = 0, batch: int = 50) -> dict:
+    """Did a retraining help? The runs of EVAL_RUNS under both models on the same prompts and noise
+    (those of `evaluate`), as paired differences new - old per prompt: {kind: {label: {metric:
+    experiments.Stat}}}, and a table with the bench's 2-SE verdict (experiments.verdict) printed."""
+    import experiments
+    import flowscale
+
+    pipes = {"old": flowscale.load_pipeline(old), "new": flowscale.load_pipeline(new)}
+    diffs = {}
+    for kind in ("counting", "composition"):
+        prompts = toyworld.heldout_prompts(kind, n_prompts, seed=seed, split="hard")
+        diffs[kind] = {}
+        for label, settings in EVAL_RUNS.items():
+            m = {name: run_metrics(pipe, kind, prompts, settings, seed, batch, desc=f"{name} {kind}: {label}")
+                 for name, pipe in pipes.items()}
+            diffs[kind][label] = {k: experiments.mean_se([b[k] - a[k] for a, b in zip(m["old"], m["new"])])
+                                  for k in _eval_keys(kind)}
+    print(f"new ({new}) - old ({old}), paired over the first {n_prompts} hard held-out prompts, seed {seed}:")
+    for kind, rows in diffs.items():
+        for label, stats in rows.items():
+            for metric, d in stats.items():
+                print(f"  {kind:11s} {label:32s} {metric:16s} {experiments.verdict(d)}")
+    return diffs
 
 
 # -----------------------------------------------------------------------------------------------
@@ -669,6 +708,8 @@ def main():
             parser.add_argument(flag, type=type(field.default), default=field.default)
     parser.add_argument("--eval-only", action="store_true", help="only evaluate the models in --out-dev and --out-schnell")
     parser.add_argument("--no-eval", action="store_true", help="train without the evaluation at the end")
+    parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
+                        help="only compare two model folders: paired differences NEW - OLD on the evaluation's prompts")
     parser.add_argument("--eval-prompts", type=int, default=200, help="hard held-out prompts per task in the evaluation")
     parser.add_argument("--eval-bon-nfe", type=int, default=500,
                         help="budget of the best-of-N row of the evaluation (0: skip it; it costs most of the time)")
@@ -679,11 +720,15 @@ def main():
                         help="optimizer steps of the learned counter")
     args = vars(parser.parse_args())
     eval_only, no_eval, eval_prompts = args.pop("eval_only"), args.pop("no_eval"), args.pop("eval_prompts")
+    compare_folders = args.pop("compare")
     bon_nfe = args.pop("eval_bon_nfe")
     counter, counter_out, counter_steps = args.pop("counter"), args.pop("counter_out"), args.pop("counter_steps")
     cfg = TrainConfig(**args)
     if counter:
         train_counter(CounterTrainConfig(steps=counter_steps, seed=cfg.seed), counter_out)
+        return
+    if compare_folders:
+        compare(*compare_folders, n_prompts=eval_prompts, seed=cfg.seed)
         return
     folders = (Path(cfg.out_dev), Path(cfg.out_schnell)) if eval_only else train(cfg)
     if not no_eval:

@@ -11,6 +11,7 @@ import torch
 
 import flowscale
 import checkpoints
+import experiments
 import toyworld
 import train
 
@@ -97,3 +98,16 @@ def test_the_default_config_is_the_recipe_of_the_shipped_weights(variant):
     defaults = asdict(train.TrainConfig())
     keys = [k for k in defaults if variant == "schnell" or k not in STAGE_2_FIELDS]
     assert {k: recorded[k] for k in keys} == {k: defaults[k] for k in keys}
+
+
+def test_compare_pairs_the_same_prompts_and_noise(clean_run):
+    """A model against itself differs by exactly 0 on every run and metric (same prompts, same noise),
+    with the 2-SE rule saying 'inconclusive'; the student against its teacher differs somewhere."""
+    _, cfg = clean_run
+    same = train.compare(cfg.out_dev, cfg.out_dev, n_prompts=4, batch=2)
+    stats = [d for rows in same.values() for metrics in rows.values() for d in metrics.values()]
+    assert len(stats) == 2 * len(train.EVAL_RUNS) * 3 + len(train.EVAL_RUNS)   # counting 4 metrics, composition 3
+    assert all(d.n == 4 and d.mean == 0 for d in stats)
+    assert {experiments.decision(d) for d in stats} == {"inconclusive"}
+    moved = train.compare(cfg.out_dev, cfg.out_schnell, n_prompts=4, batch=2)
+    assert any(d.mean != 0 for rows in moved.values() for metrics in rows.values() for d in metrics.values())
