@@ -543,9 +543,8 @@ def run_metrics(pipe, kind: str, prompts: list[str], settings: dict | None, seed
     return metrics
 
 
-def _eval_keys(kind: str) -> tuple[str, ...]:
-    return ("accuracy", "rss", "fidelity", "counter_accuracy") if kind == "counting" else \
-        ("composition", "fidelity", "counter_accuracy")
+EVAL_METRICS = {"counting": ("accuracy", "rss", "fidelity", "counter_accuracy"),   # per task, held out
+                "composition": ("composition", "fidelity", "counter_accuracy")}
 
 
 def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int = 50, bon_nfe: int = 500) -> dict:
@@ -577,7 +576,7 @@ def evaluate(folder: str | Path, n_prompts: int = 200, seed: int = 0, batch: int
             start = time.perf_counter()
             metrics = run_metrics(pipe, kind, prompts, settings, seed, batch,
                                   desc=f"eval {Path(folder).name} {kind}: {label}")
-            scores[kind][label] = {**{k: mean_se([m[k] for m in metrics]) for k in _eval_keys(kind)},
+            scores[kind][label] = {**{k: mean_se([m[k] for m in metrics]) for k in EVAL_METRICS[kind]},
                                    "seconds": round(time.perf_counter() - start, 1)}
     meta_file = Path(folder) / "flowscale.json"
     meta = json.loads(meta_file.read_text())
@@ -604,7 +603,7 @@ def compare(old: str | Path, new: str | Path, n_prompts: int = 200, seed: int = 
             m = {name: run_metrics(pipe, kind, prompts, settings, seed, batch, desc=f"{name} {kind}: {label}")
                  for name, pipe in pipes.items()}
             diffs[kind][label] = {k: experiments.mean_se([b[k] - a[k] for a, b in zip(m["old"], m["new"])])
-                                  for k in _eval_keys(kind)}
+                                  for k in EVAL_METRICS[kind]}
     print(f"new ({new}) - old ({old}), paired over the first {n_prompts} hard held-out prompts, seed {seed}:")
     for kind, rows in diffs.items():
         for label, stats in rows.items():
@@ -728,7 +727,10 @@ def main():
         train_counter(CounterTrainConfig(steps=counter_steps, seed=cfg.seed), counter_out)
         return
     if compare_folders:
-        compare(*compare_folders, n_prompts=eval_prompts, seed=cfg.seed)
+        try:
+            compare(*compare_folders, n_prompts=eval_prompts, seed=cfg.seed)
+        except ValueError as e:   # a folder that holds no model, too many prompts: one line, exit code 2
+            parser.error(str(e))
         return
     folders = (Path(cfg.out_dev), Path(cfg.out_schnell)) if eval_only else train(cfg)
     if not no_eval:

@@ -111,3 +111,11 @@ def test_compare_pairs_the_same_prompts_and_noise(clean_run):
     assert {experiments.decision(d) for d in stats} == {"inconclusive"}
     moved = train.compare(cfg.out_dev, cfg.out_schnell, n_prompts=4, batch=2)
     assert any(d.mean != 0 for rows in moved.values() for metrics in rows.values() for d in metrics.values())
+
+
+def test_compare_of_a_folder_without_a_model_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["train.py", "--compare", str(tmp_path / "none"), str(tmp_path / "none")])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"model folder not found: {tmp_path / 'none'}")
