@@ -1,0 +1,524 @@
+"""The paper's experiments in miniature on the embedded models: Table 1, Tables 4-5 (Figs. 12-13), the
+ablations of v5 Table 1 and of Alg. 2, and claim 4 at equal NFE, with paired statistics and verdicts.
+
+    python benchmarks/paper_tables.py --procs 2               # run the plan (resumable), then the report
+    python benchmarks/paper_tables.py --only schnell-counting-table1 --procs 2   # one run of the plan
+    python benchmarks/paper_tables.py --list                  # the plan: commands and NFE per run
+    python benchmarks/paper_tables.py --report-only           # the report from docs/results/paper.csv alone
+
+Every run is a `python flowscale.py bench` run (under `torchrun --standalone --nproc_per_node K` with
+--procs K > 1), in its own folder out/paper/<run>/, resumable and sharded as the bench is. The plan
+(RUNS below) is fixed before any result, not chosen by them:
+
+  * Prompts: the first PROMPTS prompts of the task's hard held-out split (toyworld.heldout_prompts,
+    seed 0: never seen in training) x seeds 0 .. SEEDS - 1, the same in every run of a task.
+  * The paper's setting: 10 steps, the exp grid, g = 3t^2, App. D's method sizes scaled to the budget;
+    the networks in bf16 (the search math in float32).
+  * Table 1 at 500 NFE: every method x dynamics (BoN and SoP on the Linear-ODE only, as the paper),
+    base = the plain sampler; for both tasks on the default mini-flux-schnell, and for counting on the
+    undistilled mini-flux-dev.
+  * Tables 4-5: BoN (Linear-ODE) and RBF (VP-SDE) at 50, 100, 300, 500 and 1000 NFE, both tasks, schnell.
+  * Ablations on schnell counting at 500 NFE: RBF under v5 Table 1's four dynamics (Linear-SDE, + the
+    VP path's times only, + its diffusion scaling only, VP-SDE) with the diversity of 16 samples from
+    one x_t on 32 prompts; RBF with rollover off; RBF with one initial particle (Alg. 2 as printed)
+    instead of the official code's 10% of the budget.
+  * Claim 4 at equal NFE (300): the learned counter as the given reward; DPS given the budget as
+    300 // 10 guided chains, the best by the given reward, beside SVDD+DPS and RBF+DPS; the exact
+    counts and the fidelity held out.
+
+Held-out metrics: `counter_accuracy` (exact counts by the learned counter, a CNN sharing none of the
+exact detector's machinery) is independent of the detector-based given rewards; `accuracy`,
+`rss`, `composition` and `fidelity` (match to a clean re-render of the detected scene) all read the
+exact detector's detections, so beside a detector-based given reward they are not independent, and
+the report says so. Against claim 4's learned-counter reward the detector's metrics are independent.
+
+Statistics: cells are mean +- standard error over (prompt, seed); every comparison is the paired
+difference b - a over the (prompt, seed) pairs both ran, with its standard error; the verdict rule,
+fixed in advance, is the bench's (experiments.decision): "yes" / "no" when the paired mean lies more
+than 2 standard errors above / below 0, else "inconclusive".
+
+Output: docs/results/paper.csv (every row of every run: the raw data), docs/results/paper_diversity.csv,
+docs/results/paper.md (the tables and the paired comparisons, recomputed from those two CSVs alone by
+--report-only) and the figures paper_table1.png, paper_curves.png, paper_ablation.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import experiments  # noqa: E402
+
+MODELS = {"schnell": "weights/mini-flux-schnell", "dev": "weights/mini-flux-dev"}
+PROMPTS, SEEDS, STEPS, TABLE1_NFE, DPS_NFE = 64, 2, 10, 500, 300
+CURVE_NFE = (50, 100, 300, 500, 1000)
+TABLE1_METHODS = "none,bon,sop,smc,code,svdd,rbf"
+DYNAMICS = "linear-ode,linear-sde,vp-sde"
+DIVERSITY = ("--diversity-prompts", "32", "--diversity-samples", "16")
+NO_DIVERSITY = ("--diversity-prompts", "1", "--diversity-samples", "2")  # the bench always measures some
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str  # its folder under --out, and its name in the report
+    model: str  # a key of MODELS
+    task: str  # "counting" | "composition"
+    methods: str  # --methods
+    dynamics: str  # --dynamics
+    nfe: str  # --nfe
+    extra: tuple[str, ...] = NO_DIVERSITY  # further bench options
+    variant: str = ""  # appended to the method of its rows ("rbf/no-rollover"); "" = the method's defaults
+    reward: str = ""  # the given reward, "" = the task's
+
+    def bench_args(self, out: Path) -> list[str]:
+        reward = ("--reward", self.reward) if self.reward else ()
+        return ["--task", self.task, *reward, "--split", "hard", "--prompts", str(PROMPTS), "--seeds", str(SEEDS),
+                "--steps", str(STEPS), "--batch", "16", "--methods", self.methods, "--dynamics", self.dynamics,
+                "--nfe", self.nfe, "--model", MODELS[self.model], *self.extra, "--out", str(out / self.name)]
+
+    def nfe_per_prompt(self) -> int:
+        """The budget one (prompt, seed) costs over the whole run (the plain sampler: STEPS per dynamics)."""
+        cells = experiments.plan(experiments.config_from_args(
+            experiments.build_parser().parse_args(self.bench_args(Path("/nonexistent")))))[0]
+        return sum(u.nfe for u in cells if u.chunk == 0 and u.seed == 0)
+
+
+CURVE = ",".join(str(n) for n in CURVE_NFE if n != TABLE1_NFE)  # TABLE1_NFE comes from the Table 1 run
+RUNS = (  # in the order they run: the headline first, so that an interrupted plan has it
+    Run("schnell-counting-table1", "schnell", "counting", TABLE1_METHODS, DYNAMICS, str(TABLE1_NFE)),
+    Run("schnell-counting-bon", "schnell", "counting", "bon", "linear-ode", CURVE),
+    Run("schnell-counting-rbf", "schnell", "counting", "rbf", "vp-sde", CURVE),
+    Run("schnell-counting-ablation", "schnell", "counting", "rbf", "linear-sde+time,linear-sde+diffusion",
+        str(TABLE1_NFE), DIVERSITY),
+    Run("schnell-counting-no-rollover", "schnell", "counting", "rbf", "vp-sde", str(TABLE1_NFE),
+        NO_DIVERSITY + ("--no-rollover",), "no-rollover"),
+    Run("schnell-counting-one-particle", "schnell", "counting", "rbf", "vp-sde", str(TABLE1_NFE),
+        NO_DIVERSITY + ("--init-particles", "1"), "one-particle"),
+    Run("schnell-counting-dps", "schnell", "counting", "none,dps,svdd+dps,rbf+dps", "vp-sde", str(DPS_NFE),
+        reward="learned-counter"),
+    Run("schnell-composition-table1", "schnell", "composition", TABLE1_METHODS, DYNAMICS, str(TABLE1_NFE)),
+    Run("schnell-composition-bon", "schnell", "composition", "bon", "linear-ode", CURVE),
+    Run("schnell-composition-rbf", "schnell", "composition", "rbf", "vp-sde", CURVE),
+    Run("dev-counting-table1", "dev", "counting", TABLE1_METHODS, DYNAMICS, str(TABLE1_NFE), DIVERSITY),
+)
+RUN_NAMES = tuple(r.name for r in RUNS)
+
+# -----------------------------------------------------------------------------------------------
+# 1. The raw data: every run's rows in one CSV, the diversity measurements in another
+
+CSV_COLUMNS = ["model", "task", "reward", "run", "method", "dynamics", "nfe", "seed", "prompt_id", "prompt",
+               "given_reward", "rss", "accuracy", "composition", "fidelity", "counter_accuracy", "nfe_used",
+               "nfe_per_step", "seconds", "image_sha"]
+DIVERSITY_COLUMNS = ["model", "run", "dynamics", "prompt_id", "pixel_l2", "feature_distance"]
+METRICS = ("given_reward", "rss", "accuracy", "composition", "fidelity", "counter_accuracy", "nfe_used", "seconds")
+
+
+def export(out: Path, docs: Path) -> tuple[int, int]:
+    """docs/paper.csv from the bench folders under `out` (run order, then the bench's row order; the
+    method of a run with a variant is written method/variant), and docs/paper_diversity.csv from their
+    diversity.json files of more than one prompt. Returns the numbers of rows."""
+    rows, div = [], []
+    for run in RUNS:
+        for r in experiments.read_rows(out / run.name / "results.csv"):
+            method = f"{r['method']}/{run.variant}" if run.variant else r["method"]
+            rows.append([run.model, r["task"], r["reward"], run.name, method] + [r[c] for c in CSV_COLUMNS[5:]])
+        path = out / run.name / "diversity.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            for dyn, pixel in saved["distances"].items():
+                feats = saved.get("feature_distances", {}).get(dyn, [math.nan] * len(pixel))
+                if len(pixel) > 1:
+                    div += [[run.model, run.name, dyn, i, repr(p), repr(f)] for i, (p, f) in enumerate(zip(pixel, feats))]
+    for path, header, body in ((docs / "paper.csv", CSV_COLUMNS, rows), (docs / "paper_diversity.csv", DIVERSITY_COLUMNS, div)):
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows([header] + body)
+        experiments.flowscale.write_atomic(path, buf.getvalue())  # never a half-written file
+    return len(rows), len(div)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. Cells and paired comparisons
+
+
+Cell = tuple[str, str, str, str, str, int]  # (model, task, reward, method, dynamics, nfe)
+
+
+def cells(rows: list[dict]) -> dict[Cell, dict[tuple[int, int], dict]]:
+    """The rows of every setting keyed by (prompt_id, seed), the pairs of a paired comparison."""
+    out: dict = {}
+    for r in rows:
+        key = (r["model"], r["task"], r["reward"], r["method"], r["dynamics"], int(r["nfe"]))
+        out.setdefault(key, {})[int(r["prompt_id"]), int(r["seed"])] = r
+    return out
+
+
+def stat(cell: dict, metric: str) -> experiments.Stat:
+    return experiments.mean_se([experiments._metric(r, metric) for r in cell.values()])
+
+
+def paired(by: dict, b: Cell, a: Cell, metric: str) -> experiments.Stat:
+    """metric(b) - metric(a) over the (prompt, seed) pairs both ran; -RSS for rss (higher is better)."""
+    d = experiments.paired({0: by.get(b, {}), 1: by.get(a, {})}, 0, 1, metric)
+    return experiments.Stat(-d.mean, d.se, d.n) if metric == "rss" else d
+
+
+def _c(model: str, task: str, method: str, dynamics: str, nfe: int, reward: str = "") -> Cell:
+    plain = method == "none"
+    return (model, task, reward or task, method, dynamics, STEPS if plain else nfe)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    claim: str  # which claim or ablation it decides
+    label: str  # "b vs a"
+    b: Cell
+    a: Cell
+
+
+def comparisons() -> list[Comparison]:
+    """Every comparison a verdict rests on, fixed with the plan: b - a, paired over (prompt, seed)."""
+    out = []
+    for model, task in (("schnell", "counting"), ("schnell", "composition"), ("dev", "counting")):
+        tag = f"{model} {task}"
+        for m in experiments.PARTICLE_METHODS:
+            for d in ("linear-sde", "vp-sde"):
+                out.append(Comparison(f"1 ({tag})", f"{m} {d} vs {m} linear-ode",
+                                      _c(model, task, m, d, TABLE1_NFE), _c(model, task, m, "linear-ode", TABLE1_NFE)))
+        for m in experiments.PARTICLE_METHODS:
+            out.append(Comparison(f"2 ({tag})", f"{m} vp-sde vs {m} linear-sde",
+                                  _c(model, task, m, "vp-sde", TABLE1_NFE), _c(model, task, m, "linear-sde", TABLE1_NFE)))
+        rbf = _c(model, task, "rbf", "vp-sde", TABLE1_NFE)
+        for m in TABLE1_METHODS.split(","):
+            for d in DYNAMICS.split(","):
+                if (m, d) != ("rbf", "vp-sde") and (m not in experiments.LINEAR_ODE_ONLY or d == "linear-ode") \
+                        and (m != "none" or d == "linear-ode"):
+                    out.append(Comparison(f"3 ({tag}, {TABLE1_NFE} NFE)", f"rbf vp-sde vs {m} {d}", rbf,
+                                          _c(model, task, m, d, TABLE1_NFE)))
+    for task in ("counting", "composition"):
+        for n in CURVE_NFE:
+            out.append(Comparison(f"3 (schnell {task}, curves)", f"rbf vp-sde vs bon linear-ode at {n}",
+                                  _c("schnell", task, "rbf", "vp-sde", n), _c("schnell", task, "bon", "linear-ode", n)))
+        for m, d in (("bon", "linear-ode"), ("rbf", "vp-sde")):
+            for lo, hi in zip(CURVE_NFE[2:], CURVE_NFE[3:]):
+                out.append(Comparison(f"3 (schnell {task}, curves)", f"{m} {d} at {hi} vs at {lo}",
+                                      _c("schnell", task, m, d, hi), _c("schnell", task, m, d, lo)))
+    rbf = _c("schnell", "counting", "rbf", "vp-sde", TABLE1_NFE)
+    for d in ("linear-sde", "linear-sde+time", "linear-sde+diffusion"):
+        out.append(Comparison("ablation: dynamics", f"rbf vp-sde vs rbf {d}", rbf,
+                              _c("schnell", "counting", "rbf", d, TABLE1_NFE)))
+    for variant in ("no-rollover", "one-particle"):
+        out.append(Comparison("ablation: Alg. 2", f"rbf vs rbf/{variant} (vp-sde)", rbf,
+                              _c("schnell", "counting", f"rbf/{variant}", "vp-sde", TABLE1_NFE)))
+    for m in ("dps", "svdd+dps", "none"):
+        out.append(Comparison(f"4 (schnell counting, {DPS_NFE} NFE)", f"rbf+dps vs {m}",
+                              _c("schnell", "counting", "rbf+dps", "vp-sde", DPS_NFE, "learned-counter"),
+                              _c("schnell", "counting", m, "vp-sde", DPS_NFE, "learned-counter")))
+    return out
+
+
+def held_out(reward: str) -> tuple[str, ...]:
+    """The metrics reported beside the given reward: for the detector-based rewards the independent
+    learned counter first, then the detector's own; for the learned counter the detector's."""
+    if reward == "learned-counter":
+        return ("accuracy", "rss", "fidelity")
+    return ("counter_accuracy", "accuracy", "fidelity") if reward == "counting" else \
+        ("counter_accuracy", "composition", "fidelity")
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. The report
+
+
+LABEL = {**experiments.LABEL, "rbf/no-rollover": "RBF, rollover off", "rbf/one-particle": "RBF, 1 initial particle"}
+
+
+def _label(method: str, dynamics: str) -> str:
+    return f"{LABEL[method]} {experiments.ABBR[dynamics]}"
+
+
+def table1(by: dict, model: str, task: str) -> list[str]:
+    reward = task
+    cols = [(m, d) for m in TABLE1_METHODS.split(",") for d in DYNAMICS.split(",")
+            if _c(model, task, m, d, TABLE1_NFE) in by]
+    if not cols:
+        return []
+    lines = [f"### Table 1 layout: {model}, {task}, {TABLE1_NFE} NFE (plain: {STEPS})", "",
+             "| metric | " + " | ".join(_label(m, d) for m, d in cols) + " |", "|---|" + "---|" * len(cols)]
+    for metric in ("given_reward", *held_out(reward), "seconds"):
+        name = {"given_reward": f"given: {reward} †", "seconds": "s / prompt"}.get(metric, metric)
+        lines.append(f"| {name} | " + " | ".join(str(stat(by[_c(model, task, m, d, TABLE1_NFE)], metric))
+                                                 for m, d in cols) + " |")
+    return lines + [""]
+
+
+def curves(by: dict, task: str) -> list[str]:
+    if not any(_c("schnell", task, m, d, n) in by for m, d in (("bon", "linear-ode"), ("rbf", "vp-sde")) for n in CURVE_NFE):
+        return []
+    lines = [f"### Tables 4-5 layout: schnell, {task}", "",
+             f"| method | NFE | given: {task} † | " + " | ".join(held_out(task)) + " | NFE used | s / prompt | n |",
+             "|---|---|---|" + "---|" * len(held_out(task)) + "---|---|---|"]
+    for m, d in (("bon", "linear-ode"), ("rbf", "vp-sde")):
+        for n in CURVE_NFE:
+            cell = by.get(_c("schnell", task, m, d, n))
+            if cell:
+                lines.append(f"| {_label(m, d)} | {n} | " + " | ".join(
+                    str(stat(cell, k)) for k in ("given_reward", *held_out(task))) +
+                    f" | {stat(cell, 'nfe_used').mean:.1f} | {stat(cell, 'seconds').mean:.2f} | {len(cell)} |")
+    return lines + [""]
+
+
+def settings_table(by: dict, title: str, keys: list[Cell]) -> list[str]:
+    keys = [k for k in keys if k in by]
+    if not keys:
+        return []
+    reward = keys[0][2]
+    lines = [f"### {title}", "", f"| setting | given: {reward} † | " + " | ".join(held_out(reward)) +
+             " | NFE used | s / prompt | n |", "|---|---|" + "---|" * len(held_out(reward)) + "---|---|---|"]
+    for k in keys:
+        lines.append(f"| {_label(k[3], k[4])} ({k[5]} NFE) | " + " | ".join(
+            str(stat(by[k], m)) for m in ("given_reward", *held_out(reward))) +
+            f" | {stat(by[k], 'nfe_used').mean:.1f} | {stat(by[k], 'seconds').mean:.2f} | {len(by[k])} |")
+    return lines + [""]
+
+
+def diversity_table(div: list[dict]) -> list[str]:
+    """Per model: every dynamics' mean distance, and VP-SDE minus each other, paired over the prompts."""
+    lines = []
+    for model in MODELS:
+        rows = [r for r in div if r["model"] == model]
+        per = {}
+        for r in rows:
+            per.setdefault(r["dynamics"], {})[int(r["prompt_id"])] = r
+        if "vp-sde" not in per:
+            continue
+        n = len(per["vp-sde"])
+        lines += [f"### Diversity from one x_t: {model}, {n} prompts x 16 samples", "",
+                  "| dynamics | pixel L2 | learned-counter features | features: VP-SDE minus this (paired) | verdict |",
+                  "|---|---|---|---|---|"]
+        for dyn, values in per.items():
+            pix = experiments.mean_se([float(v["pixel_l2"]) for v in values.values()])
+            feat = experiments.mean_se([float(v["feature_distance"]) for v in values.values()])
+            if dyn == "vp-sde":
+                lines.append(f"| {dyn} | {pix} | {feat} | | |")
+                continue
+            d = experiments.mean_se([float(per["vp-sde"][i]["feature_distance"]) - float(v["feature_distance"])
+                                     for i, v in values.items() if i in per["vp-sde"]])
+            lines.append(f"| {dyn} | {pix} | {feat} | {d} | {experiments.decision(d)} |")
+        lines.append("")
+    return lines
+
+
+def comparison_table(by: dict) -> list[str]:
+    lines = ["## Paired comparisons", "",
+             "b − a over the (prompt, seed) pairs both ran, mean ± standard error; −RSS where RSS is named "
+             "(higher is better everywhere); verdict on the given reward: yes / no beyond 2 SE, else inconclusive.",
+             "", "| claim | b vs a | d(given) | d(held-out 1) | d(held-out 2) | d(held-out 3) | d(s / prompt) | n | "
+             "b better? |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons():
+        if c.a not in by or c.b not in by:
+            continue
+        metrics = ("given_reward", *held_out(c.b[2]), "seconds")
+        diffs = [paired(by, c.b, c.a, m) for m in metrics]
+        cells = [f"{d.mean:+.3f} ± {d.se:.3f}" + ("" if i in (0, 4) else f" ({metrics[i]})") for i, d in enumerate(diffs)]
+        lines.append(f"| {c.claim} | {c.label} | " + " | ".join(cells) + f" | {diffs[0].n} | "
+                     f"{experiments.decision(diffs[0])} |")
+    return lines + [""]
+
+
+def report(rows: list[dict], div: list[dict]) -> str:
+    by = cells(rows)
+    md = ["# The paper's tables in miniature: the generated report", "",
+          "Written by `python benchmarks/paper_tables.py` (its docstring has the plan) from "
+          "`docs/results/paper.csv` and `paper_diversity.csv`; `--report-only` recomputes it from them. "
+          f"The first {PROMPTS} hard held-out prompts of each task x {SEEDS} seeds, {STEPS} steps. Cells: mean ± "
+          "standard error over (prompt, seed); † = the reward the search maximises. counter_accuracy (a CNN) is "
+          "independent of the exact detector; accuracy, rss, composition and fidelity all read the detector's "
+          "detections. s / prompt: wall seconds of a 16-prompt call per prompt, in whatever process layout the "
+          "run used (see RESULTS.md).", ""]
+    for model, task in (("schnell", "counting"), ("schnell", "composition"), ("dev", "counting")):
+        md += table1(by, model, task)
+    for task in ("counting", "composition"):
+        md += curves(by, task)
+    md += settings_table(by, f"Ablation of v5 Table 1: RBF under four dynamics (schnell, counting)",
+                         [_c("schnell", "counting", "rbf", d, TABLE1_NFE)
+                          for d in ("linear-sde", "linear-sde+time", "linear-sde+diffusion", "vp-sde")])
+    md += diversity_table(div)
+    md += settings_table(by, "Ablation of Alg. 2 (schnell, counting, VP-SDE)",
+                         [_c("schnell", "counting", m, "vp-sde", TABLE1_NFE)
+                          for m in ("rbf", "rbf/no-rollover", "rbf/one-particle")])
+    md += settings_table(by, f"Claim 4 at equal NFE: the learned counter as the given reward (schnell, counting)",
+                         [_c("schnell", "counting", m, "vp-sde", DPS_NFE, "learned-counter")
+                          for m in ("none", "dps", "svdd+dps", "rbf+dps")])
+    md += comparison_table(by)
+    return "\n".join(md)
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Figures: one colour per dynamics (experiments.DYNAMICS_COLOUR), as in every figure of the project
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def figure_table1(by: dict, path: Path) -> bool:
+    """One row per (model, task), one panel per method: the given reward of each dynamics at 500 NFE."""
+    groups = [(m, t) for m, t in (("schnell", "counting"), ("schnell", "composition"), ("dev", "counting"))
+              if _c(m, t, "none", "linear-ode", 0) in by]
+    if not groups:
+        return False
+    plt = _plt()
+    methods = TABLE1_METHODS.split(",")
+    fig, axes = plt.subplots(len(groups), len(methods), figsize=(2.1 * len(methods), 2.6 * len(groups)),
+                             squeeze=False, sharey="row")
+    for i, (model, task) in enumerate(groups):
+        for j, m in enumerate(methods):
+            ax = axes[i][j]
+            dyn = [d for d in DYNAMICS.split(",") if _c(model, task, m, d, TABLE1_NFE) in by]
+            st = [stat(by[_c(model, task, m, d, TABLE1_NFE)], "given_reward") for d in dyn]
+            ax.bar(range(len(dyn)), [s.mean for s in st], yerr=[0 if math.isnan(s.se) else s.se for s in st],
+                   color=[experiments.DYNAMICS_COLOUR[d] for d in dyn], capsize=3)
+            ax.set_xticks(range(len(dyn)), [experiments.ABBR[d] for d in dyn], fontsize=7)
+            ax.set_title(f"{LABEL[m]}" + (f" ({STEPS} NFE)" if m == "none" else ""), fontsize=9)
+        axes[i][0].set_ylabel(f"{model} {task}\ngiven reward", fontsize=8)
+    fig.suptitle(f"Table 1 in miniature: given reward at {TABLE1_NFE} NFE, mean ± se over {PROMPTS} prompts x "
+                 f"{SEEDS} seeds (grey L.O., orange L.S., blue V.S.)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure_curves(by: dict, path: Path) -> bool:
+    """The paper's Figs. 12-13: BoN (Linear-ODE) and RBF (VP-SDE) against log NFE, one panel per task and metric."""
+    tasks = [t for t in ("counting", "composition") if any(_c("schnell", t, "rbf", "vp-sde", n) in by for n in CURVE_NFE)]
+    if not tasks:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.6 * len(tasks)), squeeze=False)
+    for i, task in enumerate(tasks):
+        for ax, metric in zip(axes[i], ("given_reward", "counter_accuracy")):
+            for m, d in (("bon", "linear-ode"), ("rbf", "vp-sde")):
+                pts = [(n, stat(by[_c("schnell", task, m, d, n)], metric)) for n in CURVE_NFE
+                       if _c("schnell", task, m, d, n) in by]
+                ax.errorbar([n for n, _ in pts], [s.mean for _, s in pts], yerr=[s.se for _, s in pts], marker="o",
+                            capsize=3, color=experiments.DYNAMICS_COLOUR[d], label=_label(m, d))
+            ax.set_xscale("log")
+            ax.set_xticks(CURVE_NFE, [str(n) for n in CURVE_NFE])
+            ax.minorticks_off()
+            ax.set(xlabel="NFE per prompt (log scale)", title=f"schnell, {task}: {metric}")
+        axes[i][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure_ablation(by: dict, div: list[dict], path: Path) -> bool:
+    """v5 Table 1's ablation: RBF's given reward and the samples' diversity under the four dynamics."""
+    order = ("linear-sde", "linear-sde+time", "linear-sde+diffusion", "vp-sde")
+    dyn = [d for d in order if _c("schnell", "counting", "rbf", d, TABLE1_NFE) in by]
+    if not dyn:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    st = [stat(by[_c("schnell", "counting", "rbf", d, TABLE1_NFE)], "given_reward") for d in dyn]
+    axes[0].bar(range(len(dyn)), [s.mean for s in st], yerr=[s.se for s in st], capsize=3,
+                color=[experiments.DYNAMICS_COLOUR[d] for d in dyn])
+    axes[0].set_xticks(range(len(dyn)), [experiments.ABBR[d] for d in dyn], fontsize=8)
+    axes[0].set_title(f"RBF at {TABLE1_NFE} NFE: given −RSS (schnell, counting)", fontsize=9)
+    feats = {d: [float(r["feature_distance"]) for r in div if r["model"] == "schnell" and r["dynamics"] == d]
+             for d in order}
+    have = [d for d in order if feats[d]]
+    fs = [experiments.mean_se(feats[d]) for d in have]
+    axes[1].bar(range(len(have)), [s.mean for s in fs], yerr=[s.se for s in fs], capsize=3,
+                color=[experiments.DYNAMICS_COLOUR[d] for d in have])
+    axes[1].set_xticks(range(len(have)), [experiments.ABBR[d] for d in have], fontsize=8)
+    axes[1].set_title("diversity from one x_t: learned-counter feature distance", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Command line
+
+
+def run_command(run: Run, out: Path, procs: int) -> list[str]:
+    script = str(ROOT / "experiments.py")
+    launcher = [sys.executable, script] if procs == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", script]
+    return launcher + run.bench_args(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="out/paper", help="root of the bench folders (resumable)")
+    p.add_argument("--docs", default=str(ROOT / "docs" / "results"), help="where the CSVs, report and figures go")
+    p.add_argument("--only", default=None, help="comma list of runs of the plan (see --list) [all]")
+    p.add_argument("--procs", type=int, default=1, help="bench processes (torchrun, one thread each) [1]")
+    p.add_argument("--list", action="store_true", help="print the plan and its NFE, run nothing")
+    p.add_argument("--report-only", action="store_true", help="only the report and figures from the CSVs in --docs")
+    args = p.parse_args(argv)
+    only = RUN_NAMES if args.only is None else tuple(s for s in args.only.split(",") if s)
+    bad = [s for s in only if s not in RUN_NAMES]
+    if bad or not only or args.procs < 1:
+        print(f"paper_tables: error: {'--procs must be >= 1' if args.procs < 1 else f'unknown run {bad[0]!r}' if bad else 'empty --only'}"
+              f"; the runs are {', '.join(RUN_NAMES)}", file=sys.stderr)
+        return 2
+    out, docs = Path(args.out), Path(args.docs)
+    if args.list:
+        total = 0
+        for run in RUNS:
+            if run.name in only:
+                nfe = run.nfe_per_prompt() * PROMPTS * SEEDS
+                total += nfe
+                print(f"{run.name}: {nfe / 1e3:.0f} k NFE\n    {shlex.join(run_command(run, out, args.procs))}")
+        print(f"total: {total / 1e6:.2f} M NFE")
+        return 0
+    if not args.report_only:
+        for run in RUNS:
+            if run.name in only:
+                print(f"paper_tables: {run.name}", file=sys.stderr, flush=True)
+                code = subprocess.call(run_command(run, out, args.procs), cwd=ROOT)
+                if code:
+                    return code
+        n, m = export(out, docs)
+        print(f"paper_tables: {n} rows in {docs / 'paper.csv'}, {m} in {docs / 'paper_diversity.csv'}")
+    if not (docs / "paper.csv").is_file():
+        print(f"paper_tables: error: {docs / 'paper.csv'} does not exist; run the plan first", file=sys.stderr)
+        return 2
+    rows, div = read_csv(docs / "paper.csv"), read_csv(docs / "paper_diversity.csv")
+    experiments.flowscale.write_atomic(docs / "paper.md", report(rows, div))
+    by = cells(rows)
+    figures = [name for name, made in (("paper_table1.png", figure_table1(by, docs / "paper_table1.png")),
+                                       ("paper_curves.png", figure_curves(by, docs / "paper_curves.png")),
+                                       ("paper_ablation.png", figure_ablation(by, div, docs / "paper_ablation.png")))
+               if made]
+    print(f"paper_tables: wrote {docs / 'paper.md'} and {', '.join(figures) or 'no figure yet'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

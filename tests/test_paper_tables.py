@@ -1,0 +1,74 @@
+"""benchmarks/paper_tables.py: the plan runs every cell its verdicts read, the report pairs rows by
+(prompt, seed) and recomputes from the CSV alone, and bad options give one line and exit code 2."""
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import experiments  # noqa: E402
+import paper_tables as P  # noqa: E402
+
+
+def plan_cells() -> set:
+    """(model, task, reward, method[/variant], dynamics, NFE) of every unit the plan's runs would run."""
+    out = set()
+    for run in P.RUNS:
+        cfg = experiments.config_from_args(experiments.build_parser().parse_args(run.bench_args(Path("/none"))))
+        assert cfg.prompts == experiments.load_prompts(str(P.PROMPTS), run.task, 0, "hard") and cfg.seeds == P.SEEDS
+        for u in experiments.plan(cfg)[0]:
+            method = f"{u.method}/{run.variant}" if run.variant else u.method
+            out.add((run.model, run.task, cfg.reward, method, u.dynamics, u.nfe))
+    return out
+
+
+def test_every_comparison_reads_cells_that_the_plan_runs():
+    cells = plan_cells()
+    missing = [(c.label, k) for c in P.comparisons() for k in (c.a, c.b) if k not in cells]
+    assert not missing, missing[:3]
+    assert len(P.comparisons()) > 60  # claims 1-4 on three (model, task) pairs and the ablations
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, P.CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def row(method: str, dynamics: str, prompt: int, seed: int, given: float, nfe: int = 500) -> dict:
+    return {c: "" for c in P.CSV_COLUMNS} | {
+        "model": "schnell", "task": "counting", "reward": "counting", "run": "x", "method": method,
+        "dynamics": dynamics, "nfe": str(nfe), "seed": str(seed), "prompt_id": str(prompt), "prompt": f"p{prompt}",
+        "given_reward": repr(given), "rss": repr(-given), "accuracy": repr(float(given == 0)), "fidelity": "0.5",
+        "counter_accuracy": "1.0", "nfe_used": "500", "nfe_per_step": "50", "seconds": "1.0"}
+
+
+def test_the_report_pairs_rows_by_prompt_and_seed_from_the_csv_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    bon = {(p, s): float(-rng.integers(0, 4)) for p in range(8) for s in range(2)}
+    rbf = {k: v + float(rng.integers(0, 3)) for k, v in bon.items()}
+    del rbf[7, 1]  # a pair that only one setting ran is left out of the paired difference
+    rows = [row("rbf", "vp-sde", p, s, v) for (p, s), v in rbf.items()]
+    rows += [row("bon", "linear-ode", p, s, v) for (p, s), v in reversed(list(bon.items()))]  # another order
+    rows += [row("none", "linear-ode", p, s, -3.0, nfe=10) for p, s in bon]
+    write_csv(tmp_path / "paper.csv", rows)
+    (tmp_path / "paper_diversity.csv").write_text(",".join(P.DIVERSITY_COLUMNS) + "\n")
+    assert P.main(["--report-only", "--docs", str(tmp_path)]) == 0
+    d = np.array([rbf[k] - bon[k] for k in rbf])
+    expected = f"{d.mean():+.3f} ± {d.std(ddof=1) / math.sqrt(len(d)):.3f}"
+    line = next(x for x in (tmp_path / "paper.md").read_text().splitlines() if "| rbf vp-sde vs bon linear-ode |" in x)
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[3] == expected and cells[8] == str(len(d)), line
+    assert cells[9] == experiments.decision(experiments.mean_se(list(d)))
+    assert (tmp_path / "paper_table1.png").is_file()
+
+
+def test_bad_options_are_one_line_and_exit_code_2(tmp_path, capsys):
+    assert P.main(["--only", "schnell-counting-nope", "--list"]) == 2
+    assert P.main(["--report-only", "--docs", str(tmp_path)]) == 2  # no CSV yet
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("paper_tables: error:") for e in err)
