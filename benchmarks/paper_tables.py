@@ -39,7 +39,8 @@ than 2 standard errors above / below 0, else "inconclusive".
 
 Output: docs/results/paper.csv (every row of every run: the raw data), docs/results/paper_diversity.csv,
 docs/results/paper.md (the tables and the paired comparisons, recomputed from those two CSVs alone by
---report-only) and the figures paper_table1.png, paper_curves.png, paper_ablation.png.
+--report-only) and the figures paper_table1.png, paper_curves.png, paper_ablation.png and paper_grid.png
+(the first hard counting prompt that the plain sampler gets wrong under every Table 1 setting).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -461,6 +463,54 @@ def figure_ablation(by: dict, div: list[dict], path: Path) -> bool:
     return True
 
 
+def grid_prompt(rows: list[dict], model: str = "schnell", task: str = "counting") -> int | None:
+    """The grid's prompt, by a rule fixed in advance: the first prompt_id whose plain Linear-ODE sample
+    (seed 0) is wrong (accuracy 0 on counting, composition < 1 otherwise); None before that run."""
+    metric = "accuracy" if task == "counting" else "composition"
+    wrong = sorted(int(r["prompt_id"]) for r in rows if (r["model"], r["task"], r["reward"], r["method"], r["dynamics"],
+                                                          r["seed"]) == (model, task, task, "none", "linear-ode", "0")
+                   and float(r[metric]) < 1)
+    return wrong[0] if wrong else None
+
+
+def figure_grid(rows: list[dict], path: Path, model: str = "schnell", task: str = "counting",
+                nfe: int = TABLE1_NFE) -> dict[tuple[str, str], bool] | None:
+    """The grid prompt's image under every Table 1 method (columns) and dynamics (rows), seed 0. The run
+    keeps no image of that prompt, so each is generated again: the same call as the run's up to that
+    prompt (its chunk's first prompts, the chunk's seed), whose result for it does not depend on the
+    prompts after it; the caption says whether the image equals the run's row (image_sha). Returns
+    {(method, dynamics): equal} of the settings drawn, None before the plain sampler's run."""
+    import flowscale
+
+    pid = grid_prompt(rows, model, task)
+    if pid is None:
+        return None
+    by, equal = cells(rows), {}
+    prompts = flowscale.heldout_prompts(task, PROMPTS, split="hard")
+    chunk = pid // 16  # the runs' --batch
+    pipe = flowscale.load_pipeline(ROOT / MODELS[model])
+    methods, dyns = TABLE1_METHODS.split(","), DYNAMICS.split(",")
+    images, captions = [], []
+    for d in dyns:
+        images.append([]), captions.append([])
+        for m in methods:
+            row = by.get(_c(model, task, m, d, nfe), {}).get((pid, 0))
+            if row is None:
+                images[-1].append(torch.full((3, 8, 8), 0.85))
+                captions[-1].append("not run")
+                continue
+            g = flowscale.generate(pipe, prompts[16 * chunk:pid + 1], method=m, dynamics=d, nfe=int(row["nfe"]),
+                                   num_steps=STEPS, reward=task, seed=flowscale.chunk_seed(0, chunk))
+            image = g.images[pid - 16 * chunk]
+            same = equal[m, d] = experiments.image_sha(image) == row["image_sha"]
+            images[-1].append(image)
+            captions[-1].append(f"reward {float(row['given_reward']):.2f}" + ("" if same else " (≠ run's image)"))
+    flowscale.save_grid(dyns, [LABEL[m] for m in methods], images, captions, path,
+                        title=f"{model}, \"{prompts[pid]}\" (prompt {pid}: the first the plain sampler gets wrong), "
+                              f"{nfe} NFE, seed 0")
+    return equal
+
+
 # -----------------------------------------------------------------------------------------------
 # 5. Command line
 
@@ -506,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
                     return code
         n, m = export(out, docs)
         print(f"paper_tables: {n} rows in {docs / 'paper.csv'}, {m} in {docs / 'paper_diversity.csv'}")
+        if figure_grid(read_csv(docs / "paper.csv"), docs / "paper_grid.png") is not None:
+            print(f"paper_tables: wrote {docs / 'paper_grid.png'}")
     if not (docs / "paper.csv").is_file():
         print(f"paper_tables: error: {docs / 'paper.csv'} does not exist; run the plan first", file=sys.stderr)
         return 2

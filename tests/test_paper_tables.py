@@ -72,3 +72,22 @@ def test_bad_options_are_one_line_and_exit_code_2(tmp_path, capsys):
     assert P.main(["--report-only", "--docs", str(tmp_path)]) == 2  # no CSV yet
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("paper_tables: error:") for e in err)
+
+
+def test_the_grid_prompt_is_the_first_the_plain_sampler_gets_wrong_and_its_images_are_the_runs(tmp_path):
+    import flowscale
+
+    rows = [row("none", "linear-ode", p, s, 0.0 if p < 3 else -1.0, nfe=10) for p in range(6) for s in range(2)]
+    rows = [r | {"accuracy": "0.0"} if (r["prompt_id"], r["seed"]) == ("4", "1") else r for r in rows]
+    assert P.grid_prompt(rows) == 3  # seed 0 decides; prompt 4's wrong seed 1 does not count
+    # the run's image of prompt 3 (chunk 0) under RBF at 20 NFE: generated as the bench's unit does
+    pipe = flowscale.load_pipeline()
+    prompts = flowscale.heldout_prompts("counting", 16, split="hard")
+    g = flowscale.generate(pipe, prompts, method="rbf", dynamics="vp-sde", nfe=20, reward="counting",
+                           seed=flowscale.chunk_seed(0, 0))
+    rows.append(row("rbf", "vp-sde", 3, 0, g.reward[3], nfe=20) | {"image_sha": experiments.image_sha(g.images[3])})
+    rows.append(row("bon", "linear-ode", 3, 0, -1.0, nfe=20) | {"image_sha": "not-the-image"})
+    equal = P.figure_grid(rows, tmp_path / "grid.png", nfe=20)
+    # the plain sampler's row has no image_sha here: drawn, and said to differ
+    assert equal == {("rbf", "vp-sde"): True, ("bon", "linear-ode"): False, ("none", "linear-ode"): False}
+    assert (tmp_path / "grid.png").is_file()
