@@ -526,7 +526,7 @@ def cached_diversity(cfg: BenchConfig, get_pipe) -> dict:
     # claim 2's pair always, and the ablation dynamics of v5 Table 1 when the run has them
     dynamics = [d for d in search.ALL_DYNAMICS
                 if d != "linear-ode" and (d in ("linear-sde", "vp-sde") or d in cfg.dynamics)]
-    settings = {"model": model_name(cfg), "prompts": cfg.prompts[:cfg.diversity_prompts], "steps": cfg.steps,
+    settings = {"model": model_id(cfg), "prompts": cfg.prompts[:cfg.diversity_prompts], "steps": cfg.steps,
                 "branch_step": cfg.diversity_step, "samples": cfg.diversity_samples, "seed": 0, "dynamics": dynamics}
     path = cfg.out / "diversity.json"
     if path.is_file():
@@ -839,6 +839,21 @@ def model_label(cfg: BenchConfig) -> str:
     return Path(model_name(cfg)).name
 
 
+def model_id(cfg: BenchConfig) -> str:
+    """The model a folder's results belong to, wherever the checkout lies: its folder name and a
+    fingerprint of its transformer's weights, so that retrained weights under the same name are another
+    model. The fingerprint reads each weight file's name, size, first and last MiB (a real FLUX.1
+    file is 24 GB: hashing all of it would take minutes); retraining changes those bytes."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_name(cfg)).glob("transformer/*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(2**20)
+            fh.seek(max(size - 2**20, 0))
+            h.update(f"{f.name}:{size}:".encode() + head + fh.read())
+    return f"{model_label(cfg)}@{h.hexdigest()[:16]}"
+
+
 def write_report(cfg: BenchConfig, rows: list[dict], notes: list[str], div: dict) -> None:
     s = summarize(rows)
     top = max(cfg.nfe)
@@ -956,9 +971,9 @@ def pending_units(cfg: BenchConfig, units: list[Unit]) -> list[Unit]:
     does not read back as the image of its row (ValueError if DIR belongs to another model)."""
     meta = cfg.out / "bench.json"
     saved = read_meta(meta)
-    if saved is not None and saved["model"] != model_name(cfg):
+    if saved is not None and saved["model"] != model_id(cfg):
         raise ValueError(f"{cfg.out} holds results of the model {saved['model']}; use another --out for "
-                         f"{model_name(cfg)}")
+                         f"{model_id(cfg)}")
     # the rows do not name these settings: a folder holds the results of one of them only
     settings = {"lookahead": cfg.lookahead} | cfg.rbf_knobs
     old = saved.get("settings", {"lookahead": "tweedie"}) if saved is not None else settings
@@ -966,7 +981,7 @@ def pending_units(cfg: BenchConfig, units: list[Unit]) -> list[Unit]:
         raise ValueError(f"{cfg.out} holds results with {old}; use another --out for {settings}")
     (cfg.out / "images").mkdir(parents=True, exist_ok=True)
     if saved is None:
-        flowscale.write_atomic(meta, json.dumps({"model": model_name(cfg), "settings": settings}) + "\n")
+        flowscale.write_atomic(meta, json.dumps({"model": model_id(cfg), "settings": settings}) + "\n")
     rows = {row_key(r): r for r in read_rows(cfg.out / "results.csv")}
     pending = []
     for u in units:

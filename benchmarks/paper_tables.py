@@ -7,7 +7,11 @@ ablations of v5 Table 1 and of Alg. 2, and claim 4 at equal NFE, with paired sta
     python benchmarks/paper_tables.py --report-only           # the report from docs/results/paper.csv alone
 
 Every run is a `python flowscale.py bench` run (under `torchrun --standalone --nproc_per_node K` with
---procs K > 1), in its own folder out/paper/<run>/, resumable and sharded as the bench is. The plan
+--procs K > 1), in its own folder docs/results/paper_runs/<run>/, resumable and sharded as the bench is.
+The plan takes longer than a working session, so those folders are committed as the run goes: their
+results.csv, bench.json (the model's name and weights fingerprint: a resume under other weights is
+refused), diversity.json and the images the resume checks (their .gitignore leaves out the bench's
+own reports and figures, which this report replaces). The plan
 (RUNS below) is fixed before any result, not chosen by them:
 
   * Prompts: the first PROMPTS prompts of the task's hard held-out split (toyworld.heldout_prompts,
@@ -524,7 +528,8 @@ def run_command(run: Run, out: Path, procs: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="out/paper", help="root of the bench folders (resumable)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "paper_runs"),
+                   help="root of the bench folders (resumable; committed as the plan runs)")
     p.add_argument("--docs", default=str(ROOT / "docs" / "results"), help="where the CSVs, report and figures go")
     p.add_argument("--only", default=None, help="comma list of runs of the plan (see --list) [all]")
     p.add_argument("--procs", type=int, default=1, help="bench processes (torchrun, one thread each) [1]")

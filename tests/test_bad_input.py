@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -557,6 +558,25 @@ def test_another_order_or_batch_runs_its_own_rows(clean, tiny_model, tmp_path):
             and r["method"] == "rbf" and r["dynamics"] == "vp-sde"]
     image = experiments.read_png(experiments.image_path(cfg, "rbf", "vp-sde", 30, 0))
     assert len(rows) == 1 and experiments.image_sha(image) == rows[0]["image_sha"]  # the grid shows its title's prompt
+
+
+def test_a_results_folder_follows_its_weights_not_its_path(clean, tiny_model, tmp_path):
+    # the same weights in another checkout resume the folder (paper_tables commits its run folders) ...
+    out, moved = tmp_path / "out", tmp_path / "elsewhere" / tiny_model.name
+    shutil.copytree(clean, out)
+    shutil.copytree(tiny_model, moved)
+    cfg = experiments.config_from_args(bench_args(moved, out))
+    assert experiments.pending_units(cfg, experiments.plan(cfg)[0]) == []
+    # ... and retrained weights under the same folder name are another model
+    weights = next((moved / "transformer").glob("*.safetensors"))
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    state = load_file(weights)
+    name = sorted(state)[-1]
+    state[name] = state[name] + 1.0
+    save_file(state, weights, metadata=metadata)
+    with pytest.raises(ValueError, match=f"holds results of the model {tiny_model.name}@.*use another --out"):
+        experiments.pending_units(cfg, experiments.plan(cfg)[0])
 
 
 def test_damaged_side_files(clean, tiny_model, tmp_path, capsys):
