@@ -60,11 +60,27 @@ def test_the_report_pairs_rows_by_prompt_and_seed_from_the_csv_alone(tmp_path):
     assert P.main(["--report-only", "--docs", str(tmp_path)]) == 0
     d = np.array([rbf[k] - bon[k] for k in rbf])
     expected = f"{d.mean():+.3f} ± {d.std(ddof=1) / math.sqrt(len(d)):.3f}"
-    line = next(x for x in (tmp_path / "paper.md").read_text().splitlines() if "| rbf vp-sde vs bon linear-ode |" in x)
+    line = next(x for x in (tmp_path / "paper.md").read_text().splitlines() if x.count("|") > 3 and x.split("|")[2].strip() == "rbf vp-sde vs bon linear-ode")
     cells = [c.strip() for c in line.split("|")]
     assert cells[3] == expected and cells[8] == str(len(d)), line
     assert cells[9] == experiments.decision(experiments.mean_se(list(d)))
     assert (tmp_path / "paper_table1.png").is_file()
+    # the verdict table: claim 3 at 500 NFE ran 2 of its comparisons (vs BoN, vs the plain sampler)
+    line = next(x for x in (tmp_path / "paper.md").read_text().splitlines() if x.startswith("| 3 (schnell counting, 500 NFE)"))
+    cells = [c.strip() for c in line.split("|")]
+    n_planned = sum(c.decides for c in P.comparisons() if c.claim == "3 (schnell counting, 500 NFE)")
+    decisions = [experiments.decision(experiments.mean_se(list(d))), "yes"]  # rbf >= plain -3 everywhere, most above
+    assert cells[3].endswith(f"(ran 2 of {n_planned})") and cells[4] == "rbf vp-sde vs bon linear-ode", line
+    assert cells[5] == expected and cells[8] == P.claim_verdict(decisions) + " so far", line
+
+
+def test_the_claim_verdict_rule():
+    assert P.claim_verdict(["yes", "yes", "inconclusive", "inconclusive"]) == "reproduced"
+    assert P.claim_verdict(["yes", "inconclusive", "inconclusive"]) == "inconclusive"  # under half clear
+    assert P.claim_verdict(["yes", "yes", "yes", "no"]) == "inconclusive"  # both ways
+    assert P.claim_verdict(["no", "inconclusive"]) == "not reproduced"
+    assert P.claim_verdict(["inconclusive"] * 3) == "inconclusive"
+    assert set(map(P.paper_key, (c.claim for c in P.comparisons()))) == set(P.PAPER)  # every claim has the paper's
 
 
 def test_bad_options_are_one_line_and_exit_code_2(tmp_path, capsys):
