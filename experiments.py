@@ -211,6 +211,12 @@ def rank_device(spec: str, world: int, local_rank: int) -> str:
     return f"cuda:{local_rank}" if world > 1 and spec == "cuda" else spec
 
 
+def plain_nfe(cfg: BenchConfig) -> int:
+    """What the plain sampler spends: --steps, and with an ode:K lookahead the K - 1 further steps that
+    finish its final sample to t = 0 (the sample it returns is then that end point, not x0_hat)."""
+    return cfg.steps + search.lookahead_steps(cfg.lookahead) - 1
+
+
 def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
     """All units of the run, cheapest budget first (early tables of every method), and the skipped
     combinations with the reason."""
@@ -233,7 +239,7 @@ def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
                 notes.append(f"{method} {dynamics}: gradient guidance does not run with lookahead {cfg.lookahead}")
                 continue
             need = search.min_nfe(method, dummy, **knobs_of(cfg, method, cfg.steps))
-            budgets = [cfg.steps] if method == "none" else cfg.nfe
+            budgets = [plain_nfe(cfg)] if method == "none" else cfg.nfe
             for nfe in budgets:
                 if nfe < need:
                     notes.append(f"{method} {dynamics} NFE {nfe}: below its minimum budget of {need} "
@@ -242,7 +248,8 @@ def plan(cfg: BenchConfig) -> tuple[list[Unit], list[str]]:
                 units += [Unit(method, dynamics, nfe, seed, c, ids) for seed in range(cfg.seeds)
                           for c, ids in enumerate(chunks)]
     if "none" in cfg.methods:
-        notes.append(f"none (the plain sampler) always runs with {cfg.steps} NFE = --steps, whatever --nfe says")
+        notes.append(f"none (the plain sampler) always runs with {plain_nfe(cfg)} NFE (--steps, and the lookahead's "
+                     f"further steps of its final sample), whatever --nfe says")
     order = {m: i for i, m in enumerate(search.METHODS)}
     units.sort(key=lambda u: (u.nfe, order[u.method], search.ALL_DYNAMICS.index(u.dynamics), u.seed, u.chunk))
     return units, notes
@@ -638,8 +645,8 @@ def _negated(a: Stat) -> Stat:
 
 def table1(cfg: BenchConfig, s: dict, nfe: int, methods: list[str]) -> list[str]:
     """Like the paper's Table 1: metrics as rows, method x dynamics as columns, % vs the same method's L.O."""
-    cols = [(m, d, cfg.steps if m == "none" else nfe) for m in methods for d in cfg.dynamics
-            if (m, d, cfg.steps if m == "none" else nfe) in s]
+    cols = [(m, d, plain_nfe(cfg) if m == "none" else nfe) for m in methods for d in cfg.dynamics
+            if (m, d, plain_nfe(cfg) if m == "none" else nfe) in s]
     if not cols:
         return []
     lines = ["| metric | " + " | ".join(f"{LABEL[m]} {ABBR[d]}" for m, d, _ in cols) + " |",
@@ -751,7 +758,7 @@ def plot_reward_vs_nfe(cfg: BenchConfig, s: dict, path: Path) -> None:
             for d in cfg.dynamics:
                 pts = sorted((n, v.stats[metric]) for (m_, d_, n), v in s.items() if (m_, d_) == (m, d))
                 if m == "none" and pts:
-                    ax.axhline(pts[0][1].mean, color="grey", ls=styles[d], lw=1, label=f"plain {ABBR[d]} ({cfg.steps} NFE)")
+                    ax.axhline(pts[0][1].mean, color="grey", ls=styles[d], lw=1, label=f"plain {ABBR[d]} ({plain_nfe(cfg)} NFE)")
                 elif pts:
                     ax.errorbar([n for n, _ in pts], [v.mean for _, v in pts], yerr=[0 if math.isnan(v.se) else v.se for _, v in pts],
                                 color=colours[m], ls=styles[d], marker="o", ms=3, capsize=2, label=f"{LABEL[m]} {ABBR[d]}")
@@ -814,12 +821,12 @@ def plot_grid(cfg: BenchConfig, rows: list[dict], path: Path) -> None:
     """Prompt 0 under every method (columns) and dynamics (rows), largest budget, first seed."""
     reward_of = {(r["method"], r["dynamics"]): float(r["given_reward"]) for r in rows
                  if r["prompt"] == cfg.prompts[0] and r["prompt_id"] == "0" and r["seed"] == "0"
-                 and int(r["nfe"]) == (cfg.steps if r["method"] == "none" else max(cfg.nfe))}
+                 and int(r["nfe"]) == (plain_nfe(cfg) if r["method"] == "none" else max(cfg.nfe))}
     images, captions = [], []
     for d in cfg.dynamics:
         images.append([]), captions.append([])
         for m in cfg.methods:
-            image = read_png(image_path(cfg, m, d, cfg.steps if m == "none" else max(cfg.nfe), 0))
+            image = read_png(image_path(cfg, m, d, plain_nfe(cfg) if m == "none" else max(cfg.nfe), 0))
             if (m, d) in reward_of and image is not None:
                 images[-1].append(image)
                 captions[-1].append(f"reward {reward_of[m, d]:.2f}")

@@ -579,6 +579,16 @@ def test_a_results_folder_follows_its_weights_not_its_path(clean, tiny_model, tm
         experiments.pending_units(cfg, experiments.plan(cfg)[0])
 
 
+def test_the_plain_sampler_finished_to_t0_runs_in_the_bench(tiny_model, tmp_path):
+    # --lookahead ode:2 on the plain sampler: one more NFE, and its rows say so (the paper_tables check)
+    out = tmp_path / "finish"
+    experiments.cmd_bench(bench_args(tiny_model, out, "--methods", "none", "--lookahead", "ode:2"))
+    rows = experiments.read_rows(out / "results.csv")
+    assert len(rows) == 2 * 2 and {(r["nfe"], r["nfe_used"]) for r in rows} == {("11", "11")}  # 2 prompts x 2 dynamics
+    cfg = experiments.config_from_args(bench_args(tiny_model, out, "--methods", "none", "--lookahead", "ode:2"))
+    assert experiments.pending_units(cfg, experiments.plan(cfg)[0]) == []
+
+
 def test_damaged_side_files(clean, tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(clean, out)

@@ -636,6 +636,10 @@ def test_bench_passes_the_knobs_to_rbf_only():
     # with ode:3 an rbf candidate costs 3 NFE: the smallest budget is 2 * (1 + 9) * 3 = 60
     assert {(u.method, u.nfe) for u in units} == {("bon", 40), ("bon", 60), ("rbf", 60)}
     assert any("rbf vp-sde NFE 40: below its minimum budget of 60" in n for n in notes)
+    # the plain sampler pays the K - 1 steps that finish its final sample: --steps + K - 1 NFE
+    args = experiments.build_parser().parse_args(["--quick", "--methods", "none", "--lookahead", "ode:3"])
+    cfg = experiments.config_from_args(args)
+    assert {u.nfe for u in experiments.plan(cfg)[0]} == {cfg.steps + 2} == {experiments.plain_nfe(cfg)}
     # the paper's other two RBF ablations: Alg. 2's single initial particle, and no rollover
     args = experiments.build_parser().parse_args(["--quick", "--init-particles", "1", "--no-rollover"])
     knobs = experiments.knobs_of(experiments.config_from_args(args), "rbf", 100)
