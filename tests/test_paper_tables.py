@@ -107,3 +107,15 @@ def test_the_grid_prompt_is_the_first_the_plain_sampler_gets_wrong_and_its_image
     # the plain sampler's row has no image_sha here: drawn, and said to differ
     assert equal == {("rbf", "vp-sde"): True, ("bon", "linear-ode"): False, ("none", "linear-ode"): False}
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_the_committed_run_folders_belong_to_the_shipped_weights(monkeypatch):
+    # paper_runs/ is committed as the plan runs; weights retrained without starting the plan again
+    # would leave rows of the old model beside the new one (the bench refuses to resume; this says so first)
+    root = Path(P.__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # the plan names the models relative to the checkout, as paper_tables runs them
+    for run in P.RUNS:
+        folder = root / "docs" / "results" / "paper_runs" / run.name
+        if (folder / "bench.json").is_file():
+            cfg = experiments.config_from_args(experiments.build_parser().parse_args(run.bench_args(folder.parent)))
+            assert experiments.read_meta(folder / "bench.json")["model"] == experiments.model_id(cfg), run.name
