@@ -225,9 +225,8 @@ def comparisons() -> list[Comparison]:
                                       _c(model, task, m, d, TABLE1_NFE), _c(model, task, m, "linear-ode", TABLE1_NFE),
                                       headline=(m, d) == ("rbf", "vp-sde")))
         for m in experiments.PARTICLE_METHODS:
-            out.append(Comparison(f"2 ({tag})", f"{m} vp-sde vs {m} linear-sde",
-                                  _c(model, task, m, "vp-sde", TABLE1_NFE), _c(model, task, m, "linear-sde", TABLE1_NFE),
-                                  headline=m == "rbf"))
+            out.append(Comparison(f"2 ({tag})", f"{m} vp-sde vs {m} linear-sde", _c(model, task, m, "vp-sde", TABLE1_NFE),
+                                  _c(model, task, m, "linear-sde", TABLE1_NFE), headline=m == "rbf"))
         rbf = _c(model, task, "rbf", "vp-sde", TABLE1_NFE)
         for m in TABLE1_METHODS.split(","):
             for d in DYNAMICS.split(","):
@@ -402,8 +401,8 @@ def diversity_table(div: list[dict]) -> list[str]:
 def comparison_table(by: dict) -> list[str]:
     lines = ["## Paired comparisons", "",
              "b − a over the (prompt, seed) pairs both ran, mean ± standard error; −RSS where RSS is named "
-             "(higher is better everywhere); verdict on the given reward (or the metric named): yes / no beyond 2 SE, else "
-             "inconclusive.",
+             "(higher is better everywhere); verdict on the given reward (or the metric named): yes / no beyond "
+             "2 SE, else inconclusive.",
              "", "| claim | b vs a | d(given) | d(held-out 1) | d(held-out 2) | d(held-out 3) | d(s / prompt) | n | "
              "b better? |", "|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons():
@@ -426,11 +425,11 @@ def task_metric(reward: str) -> str:
 
 def verdict_table(by: dict) -> list[str]:
     lines = ["## Verdicts", "",
-             "Per claim: the paired verdicts (given reward, 2 SE; fidelity for our explanation checks) of the comparisons that decide it, the rule of "
-             "`claim_verdict` (fixed with the plan), and its headline comparison beside the paper's numbers "
-             "(relative gain of b over a where the scales differ).", "",
-             "| claim | the paper | yes / no / inconclusive | headline b vs a | d(given; fidelity for a why) | b, a (metric) | relative gain | "
-             "verdict |", "|---|---|---|---|---|---|---|---|"]
+             "Per claim: the paired verdicts (2 SE; on the given reward, on fidelity for our explanation checks) "
+             "of the comparisons that decide it, the rule of `claim_verdict` (fixed with the plan), and its "
+             "headline comparison beside the paper's numbers (relative gain of b over a where the scales differ).", "",
+             "| claim | the paper | yes / no / inconclusive | headline b vs a | d (the verdict's metric) | "
+             "b, a (metric) | relative gain | verdict |", "|---|---|---|---|---|---|---|---|"]
     groups: dict[str, list[Comparison]] = {}
     planned: dict[str, int] = {}
     for c in comparisons():
@@ -445,9 +444,10 @@ def verdict_table(by: dict) -> list[str]:
         metric = task_metric(head.b[2]) if head.metric == "given_reward" else head.metric
         b, a = stat(by[head.b], metric), stat(by[head.a], metric)
         gain = f"{(b.mean - a.mean) / abs(a.mean):+.0%}" if a.mean else "– (a = 0)"
+        verdict = claim_verdict(decisions, explanation=claim.startswith("why")) + (" so far" if partial else "")
         lines.append(f"| {claim} | {PAPER[paper_key(claim)]} | {decisions.count('yes')} / {decisions.count('no')} / "
                      f"{decisions.count('inconclusive')}{partial} | {head.label} | {d.mean:+.3f} ± {d.se:.3f} | "
-                     f"{b.mean:.3f}, {a.mean:.3f} ({metric}) | {gain} | {claim_verdict(decisions, claim.startswith('why'))}{' so far' if partial else ''} |")
+                     f"{b.mean:.3f}, {a.mean:.3f} ({metric}) | {gain} | {verdict} |")
     return lines + [""]
 
 
