@@ -4,6 +4,7 @@ ablations of v5 Table 1 and of Alg. 2, and claim 4 at equal NFE, with paired sta
     python benchmarks/paper_tables.py --procs 2               # run the plan (resumable), then the report
     python benchmarks/paper_tables.py --only schnell-counting-table1 --procs 2   # one run of the plan
     python benchmarks/paper_tables.py --list                  # the plan: commands and NFE per run
+    python benchmarks/paper_tables.py --status                # how far each run is (read-only)
     python benchmarks/paper_tables.py --report-only           # the report from docs/results/paper.csv alone
 
 Every run is a `python flowscale.py bench` run (under `torchrun --standalone --nproc_per_node K` with
@@ -628,6 +629,26 @@ def figure_grid(rows: list[dict], path: Path, model: str = "schnell", task: str 
 # 5. Command line
 
 
+def status(out: Path) -> list[str]:
+    """Per run of the plan: its rows in results.csv against those planned, and the NFE still to spend.
+    Read-only (a run may be writing: a half-written last line is skipped, not repaired)."""
+    lines, left_total = [], 0
+    for run in RUNS:
+        cfg = experiments.config_from_args(experiments.build_parser().parse_args(run.bench_args(out)))
+        path = out / run.name / "results.csv"
+        done = set()
+        if path.is_file():
+            with open(path, newline="") as f:
+                done = {experiments.row_key(r) for r in csv.DictReader(f) if None not in r.values()}
+        units = experiments.plan(cfg)[0]
+        rows = sum(len(u.prompt_ids) for u in units)
+        have = sum(k in done for u in units for k in experiments.unit_keys(cfg, u))
+        left = sum(u.nfe * sum(k not in done for k in experiments.unit_keys(cfg, u)) for u in units)
+        left_total += left
+        lines.append(f"{run.name}: {have} of {rows} rows, {left:,} NFE to go")
+    return lines + [f"total: {left_total:,} NFE to go"]
+
+
 def run_command(run: Run, out: Path, procs: int) -> list[str]:
     script = str(ROOT / "experiments.py")
     launcher = [sys.executable, script] if procs == 1 else \
@@ -643,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma list of runs of the plan (see --list) [all]")
     p.add_argument("--procs", type=int, default=1, help="bench processes (torchrun, one thread each) [1]")
     p.add_argument("--list", action="store_true", help="print the plan and its NFE, run nothing")
+    p.add_argument("--status", action="store_true", help="how far each run of the plan is, run nothing")
     p.add_argument("--report-only", action="store_true", help="only the report and figures from the CSVs in --docs")
     args = p.parse_args(argv)
     only = RUN_NAMES if args.only is None else tuple(s for s in args.only.split(",") if s)
@@ -660,6 +682,9 @@ def main(argv: list[str] | None = None) -> int:
                 total += nfe
                 print(f"{run.name}: {nfe / 1e3:.0f} k NFE\n    {shlex.join(run_command(run, out, args.procs))}")
         print(f"total: {total / 1e6:.2f} M NFE")
+        return 0
+    if args.status:
+        print("\n".join(status(out)))
         return 0
     if not args.report_only:
         for run in RUNS:

@@ -119,3 +119,23 @@ def test_the_committed_run_folders_belong_to_the_shipped_weights(monkeypatch):
         if (folder / "bench.json").is_file():
             cfg = experiments.config_from_args(experiments.build_parser().parse_args(run.bench_args(folder.parent)))
             assert experiments.read_meta(folder / "bench.json")["model"] == experiments.model_id(cfg), run.name
+
+
+def test_status_counts_the_rows_of_each_run_without_touching_the_files(tmp_path, capsys):
+    run = P.RUNS[0]
+    cfg = experiments.config_from_args(experiments.build_parser().parse_args(run.bench_args(tmp_path)))
+    unit = experiments.plan(cfg)[0][-1]  # one of 500 NFE
+    (tmp_path / run.name).mkdir()
+    path = tmp_path / run.name / "results.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, experiments.COLUMNS)
+        w.writeheader()
+        w.writerow({c: "" for c in experiments.COLUMNS} | dict(zip(experiments.KEY, experiments.unit_keys(cfg, unit)[0])))
+        f.write("half,a,line")  # a run writing its next row
+    before = path.read_text()
+    assert P.main(["--status", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    total = sum(r.nfe_per_prompt() for r in P.RUNS) * P.PROMPTS * P.SEEDS
+    assert lines[0].startswith(f"{run.name}: 1 of ") and lines[1].startswith(f"{P.RUNS[1].name}: 0 of ")
+    assert unit.nfe == P.TABLE1_NFE and lines[-1] == f"total: {total - unit.nfe:,} NFE to go"
+    assert path.read_text() == before
