@@ -5,6 +5,7 @@ ablations of v5 Table 1 and of Alg. 2, and claim 4 at equal NFE, with paired sta
     python benchmarks/paper_tables.py --only schnell-counting-table1 --procs 2   # one run of the plan
     python benchmarks/paper_tables.py --list                  # the plan: commands and NFE per run
     python benchmarks/paper_tables.py --status                # how far each run is (read-only)
+    python benchmarks/paper_tables.py --export                # the report of the rows so far, runs going on or not
     python benchmarks/paper_tables.py --report-only           # the report from docs/results/paper.csv alone
 
 Every run is a `python flowscale.py bench` run (under `torchrun --standalone --nproc_per_node K` with
@@ -145,13 +146,27 @@ DIVERSITY_COLUMNS = ["model", "run", "dynamics", "prompt_id", "pixel_l2", "featu
 METRICS = ("given_reward", "rss", "accuracy", "composition", "fidelity", "counter_accuracy", "nfe_used", "seconds")
 
 
+def finished_rows(path: Path) -> list[dict]:
+    """The whole rows of a run's results.csv, one per key (the first), read without writing: a run may
+    be appending to it (a half-written last line is left out here; the bench repairs it on resume)."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    rows, seen = [], set()
+    for r in csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])):
+        if None not in r.values() and experiments.row_key(r) not in seen:
+            seen.add(experiments.row_key(r))
+            rows.append(r)
+    return rows
+
+
 def export(out: Path, docs: Path) -> tuple[int, int]:
     """docs/paper.csv from the bench folders under `out` (run order, then the bench's row order; the
     method of a run with a variant is written method/variant), and docs/paper_diversity.csv from their
     diversity.json files of more than one prompt. Returns the numbers of rows."""
     rows, div = [], []
     for run in RUNS:
-        for r in experiments.read_rows(out / run.name / "results.csv"):
+        for r in finished_rows(out / run.name / "results.csv"):
             method = f"{r['method']}/{run.variant}" if run.variant else r["method"]
             rows.append([run.model, r["task"], r["reward"], run.name, method] + [r[c] for c in CSV_COLUMNS[5:]])
         path = out / run.name / "diversity.json"
@@ -461,7 +476,10 @@ def report(rows: list[dict], div: list[dict]) -> str:
           "standard error over (prompt, seed); † = the reward the search maximises. counter_accuracy (a CNN) is "
           "independent of the exact detector; accuracy, rss, composition and fidelity all read the detector's "
           "detections. s / prompt: wall seconds of a 16-prompt call per prompt, in whatever process layout the "
-          "run used (see RESULTS.md).", ""]
+          "run used (see RESULTS.md).", "",
+          f"**Rows: {len(rows)} of the plan's {planned_rows()}**" +
+          ("." if len(rows) >= planned_rows() else " (the plan is still running: verdicts marked 'so far' rest "
+                                                  "on part of their comparisons)."), ""]
     for model, task in (("schnell", "counting"), ("schnell", "composition"), ("dev", "counting")):
         md += table1(by, model, task)
     for task in ("counting", "composition"):
@@ -629,17 +647,22 @@ def figure_grid(rows: list[dict], path: Path, model: str = "schnell", task: str 
 # 5. Command line
 
 
+def planned_rows() -> int:
+    """Rows of the whole plan: one per (run, method, dynamics, NFE, seed, prompt)."""
+    total = 0
+    for run in RUNS:
+        cfg = experiments.config_from_args(experiments.build_parser().parse_args(run.bench_args(Path("/none"))))
+        total += sum(len(u.prompt_ids) for u in experiments.plan(cfg)[0])
+    return total
+
+
 def status(out: Path) -> list[str]:
     """Per run of the plan: its rows in results.csv against those planned, and the NFE still to spend.
     Read-only (a run may be writing: a half-written last line is skipped, not repaired)."""
     lines, left_total = [], 0
     for run in RUNS:
         cfg = experiments.config_from_args(experiments.build_parser().parse_args(run.bench_args(out)))
-        path = out / run.name / "results.csv"
-        done = set()
-        if path.is_file():
-            with open(path, newline="") as f:
-                done = {experiments.row_key(r) for r in csv.DictReader(f) if None not in r.values()}
+        done = {experiments.row_key(r) for r in finished_rows(out / run.name / "results.csv")}
         units = experiments.plan(cfg)[0]
         rows = sum(len(u.prompt_ids) for u in units)
         have = sum(k in done for u in units for k in experiments.unit_keys(cfg, u))
@@ -665,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=1, help="bench processes (torchrun, one thread each) [1]")
     p.add_argument("--list", action="store_true", help="print the plan and its NFE, run nothing")
     p.add_argument("--status", action="store_true", help="how far each run of the plan is, run nothing")
+    p.add_argument("--export", action="store_true",
+                   help="the CSVs from the run folders as they stand (runs may be going on), then the report")
     p.add_argument("--report-only", action="store_true", help="only the report and figures from the CSVs in --docs")
     args = p.parse_args(argv)
     only = RUN_NAMES if args.only is None else tuple(s for s in args.only.split(",") if s)
@@ -686,7 +711,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.status:
         print("\n".join(status(out)))
         return 0
-    if not args.report_only:
+    if args.export:
+        n, m = export(out, docs)
+        print(f"paper_tables: {n} rows in {docs / 'paper.csv'}, {m} in {docs / 'paper_diversity.csv'}")
+    elif not args.report_only:
         for run in RUNS:
             if run.name in only:
                 print(f"paper_tables: {run.name}", file=sys.stderr, flush=True)

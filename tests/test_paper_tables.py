@@ -139,3 +139,28 @@ def test_status_counts_the_rows_of_each_run_without_touching_the_files(tmp_path,
     assert lines[0].startswith(f"{run.name}: 1 of ") and lines[1].startswith(f"{P.RUNS[1].name}: 0 of ")
     assert unit.nfe == P.TABLE1_NFE and lines[-1] == f"total: {total - unit.nfe:,} NFE to go"
     assert path.read_text() == before
+
+
+def test_export_reads_the_run_folders_as_they_stand(tmp_path):
+    # a run going on: its whole rows are exported, its half-written last line is neither read nor cut
+    run = P.RUNS[0]
+    cfg = experiments.config_from_args(experiments.build_parser().parse_args(run.bench_args(tmp_path)))
+    unit = experiments.plan(cfg)[0][0]
+    (tmp_path / run.name).mkdir()
+    path = tmp_path / run.name / "results.csv"
+    base = {c: "0.5" for c in experiments.COLUMNS}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, experiments.COLUMNS)
+        w.writeheader()
+        for key in experiments.unit_keys(cfg, unit)[:3]:
+            w.writerow(base | dict(zip(experiments.KEY, key)))
+        w.writerow(base | dict(zip(experiments.KEY, experiments.unit_keys(cfg, unit)[0])))  # a repeated key
+        f.write("mini-flux-schnell,counting,coun")
+    before = path.read_text()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    assert P.main(["--export", "--out", str(tmp_path), "--docs", str(docs)]) == 0
+    rows = P.read_csv(docs / "paper.csv")
+    assert [r["prompt_id"] for r in rows] == ["0", "1", "2"] and {r["run"] for r in rows} == {run.name}
+    assert path.read_text() == before
+    assert f"**Rows: 3 of the plan's {P.planned_rows()}** (the plan is still running" in (docs / "paper.md").read_text()
