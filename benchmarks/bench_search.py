@@ -4,6 +4,7 @@
     python benchmarks/bench_search.py --ms 5 --runs 5  # a costlier velocity, more repetitions
     python benchmarks/bench_search.py --methods rbf,rbf+dps --allocation uniform --lookahead ode:2
     python benchmarks/bench_search.py --embedded --threads 2 --methods none,bon,rbf  # on the embedded model
+    python benchmarks/bench_search.py --floor          # what one RBF draw's arithmetic alone costs
 
 The velocity is a per-token MLP (64 -> hidden -> 64 on a (16, 64) latent, applied `repeat` times),
 calibrated so that one call on 2 rows (RBF's and SVDD's smallest calls) costs at least `--ms`
@@ -93,6 +94,40 @@ def calibrate(hidden: int, ms: float) -> int:
     raise RuntimeError("could not reach the requested cost")
 
 
+def draw_floor(compiled: bool, draws: int = 3000) -> float:
+    """Microseconds of the bare arithmetic one RBF draw on the VP-SDE cannot skip, on 2 rows of (16, 64):
+    the noise, the Euler-Maruyama step (Eq. 12), the map to the model's linear path and back for its
+    call (Eqs. 10-11), Tweedie's x0_hat (Eq. 19), a stand-in reward, and the keep-if-better select;
+    no bookkeeping, no checks. What a draw costs beyond this is the search's own work."""
+    import sde
+
+    g = torch.Generator().manual_seed(0)
+    x, u = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
+    t = torch.full((2,), 0.5)
+    path = sde.VPInterpolant()
+    c, conv = path(t), sde.conversion_coeffs(t, sde.LinearInterpolant(), path)
+    col = lambda a: a.view(-1, 1, 1)  # noqa: E731  (2,) -> (2, 1, 1)
+    g_t, dt = col(3 * t ** 2), col(torch.full((2,), 0.1))
+    best = torch.full((2,), -1e9)
+
+    def draw(x, u, z):
+        x_next = sde.euler_maruyama(x, u, c, g_t, dt, z)
+        x_lin = sde.to_source(x_next, conv)  # what the velocity call would read
+        u_next = sde.target_velocity(u, x_next, conv)  # from its output
+        x0_hat = sde.x0_hat_from_velocity(u_next, x_next, c)
+        r = -(x0_hat ** 2).flatten(1).sum(1) + 0 * x_lin[:, 0, 0]
+        better = r > best
+        return torch.where(better.view(-1, 1, 1), x_next, x), torch.where(better, r, best)
+
+    f = torch.compile(draw) if compiled else draw
+    for _ in range(200):  # warm-up (and, compiled, the compilation)
+        f(x, u, torch.randn(x.shape, generator=g))
+    start = time.perf_counter()
+    for _ in range(draws):
+        f(x, u, torch.randn(x.shape, generator=g))
+    return 1e6 * (time.perf_counter() - start) / draws
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--nfe", type=int, default=500, help="budget per prompt")
@@ -104,6 +139,8 @@ def main():
     parser.add_argument("--allocation", default="rollover", help="rbf / rbf+dps: " + " | ".join(search.ALLOCATIONS))
     parser.add_argument("--lookahead", default="tweedie", help="tweedie | ode:K (methods with dps: tweedie only)")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps T (the plain sampler spends T NFE)")
+    parser.add_argument("--floor", action="store_true",
+                        help="only the bare arithmetic of one RBF VP-SDE draw (draw_floor), eager and torch.compile'd")
     parser.add_argument("--embedded", action="store_true",
                         help="instead of the synthetic velocity: the embedded mini-FLUX.1-schnell on one hard held-out "
                              "counting prompt (given reward -RSS; the dps methods: the learned counter)")
@@ -114,6 +151,14 @@ def main():
                      f"(threshold needs a reward level of this synthetic reward)")
     search.lookahead_steps(args.lookahead)
     torch.set_num_threads(args.threads)
+    if args.floor:
+        eager = statistics.median(draw_floor(False) for _ in range(args.runs))
+        compiled = statistics.median(draw_floor(True) for _ in range(args.runs))
+        print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); "
+              f"the bare arithmetic of one RBF VP-SDE draw, median of {args.runs}: eager {eager:.0f} us, "
+              f"torch.compile {compiled:.0f} us; as a share of a draw with a {args.ms:g} ms velocity call: "
+              f"{100 * eager / (eager + 1e3 * args.ms):.1f}% eager, {100 * compiled / (compiled + 1e3 * args.ms):.1f}% compiled")
+        return
     if args.embedded:
         embedded(args, methods)
         return
