@@ -544,14 +544,19 @@ def figure_table1(by: dict, path: Path) -> bool:
 
 
 def figure_curves(by: dict, path: Path) -> bool:
-    """The paper's Figs. 12-13: BoN (Linear-ODE) and RBF (VP-SDE) against log NFE, one panel per task and metric."""
+    """The paper's Figs. 12-13: BoN (Linear-ODE) and RBF (VP-SDE) against log NFE, one row per task: the
+    given reward, the paper's Table 4 metric where it is not the given reward (counting: exact-count
+    accuracy), and the fidelity (sharpness, the role of the paper's aesthetic score)."""
     tasks = [t for t in ("counting", "composition") if any(_c("schnell", t, "rbf", "vp-sde", n) in by for n in CURVE_NFE)]
     if not tasks:
         return False
+    panels = {"counting": ("given_reward", "accuracy", "fidelity"), "composition": ("given_reward", "fidelity")}
+    title = {"given_reward": "given reward", "accuracy": "exact-count accuracy (detector)",
+             "fidelity": "fidelity (vs a clean re-render)"}
     plt = _plt()
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.6 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(14, 3.6 * len(tasks)), squeeze=False)
     for i, task in enumerate(tasks):
-        for ax, metric in zip(axes[i], ("given_reward", "counter_accuracy")):
+        for ax, metric in zip(axes[i], panels[task]):
             for m, d in (("bon", "linear-ode"), ("rbf", "vp-sde")):
                 pts = [(n, stat(by[_c("schnell", task, m, d, n)], metric)) for n in CURVE_NFE
                        if _c("schnell", task, m, d, n) in by]
@@ -560,8 +565,11 @@ def figure_curves(by: dict, path: Path) -> bool:
             ax.set_xscale("log")
             ax.set_xticks(CURVE_NFE, [str(n) for n in CURVE_NFE])
             ax.minorticks_off()
-            ax.set(xlabel="NFE per prompt (log scale)", title=f"schnell, {task}: {metric}")
+            ax.set(xlabel="NFE per prompt (log scale)", title=f"schnell, {task}: {title[metric]}")
+        for ax in axes[i][len(panels[task]):]:
+            ax.set_visible(False)
         axes[i][0].legend(fontsize=8)
+    fig.suptitle(f"Reward against NFE (Figs. 12-13 in miniature): mean ± se over {PROMPTS} prompts x {SEEDS} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
