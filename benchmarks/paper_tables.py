@@ -644,7 +644,8 @@ def figure_grid(rows: list[dict], path: Path, model: str = "schnell", task: str 
             image = g.images[pid - 16 * chunk]
             same = equal[m, d] = experiments.image_sha(image) == row["image_sha"]
             images[-1].append(image)
-            captions[-1].append(f"reward {float(row['given_reward']):.2f}" + ("" if same else " (≠ run's image)"))
+            reward = float(row["given_reward"]) + 0.0  # + 0.0: a reward of -0.0 prints as 0.00
+            captions[-1].append(f"reward {reward:.2f}" + ("" if same else " (≠ run's image)"))
     flowscale.save_grid(dyns, [LABEL[m] for m in methods], images, captions, path,
                         title=f"{model}, \"{prompts[pid]}\" (prompt {pid}: the first the plain sampler gets wrong), "
                               f"{nfe} NFE, seed 0")
