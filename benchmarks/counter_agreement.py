@@ -35,12 +35,9 @@ SAMPLES = (("weights/mini-flux-schnell", "none", "linear-ode", 10), ("weights/mi
 
 
 def detector_counts(images: torch.Tensor, categories: tuple[str, ...]) -> torch.Tensor:
-    """(B, C) objects per category as the exact detector finds them, in the counter's category order."""
-    counts = torch.zeros(images.shape[0], len(categories))
-    for b, found in enumerate(toyworld.detect(images)):
-        for d in found:
-            counts[b, categories.index(f"{d.colour} {d.shape}")] += 1
-    return counts
+    """(B, C) objects per category ("colour shape") as the exact detector finds them, in the given order."""
+    seen = [toyworld.count(found) for found in toyworld.detect(images)]  # (colour, shape) -> count, per image
+    return torch.tensor([[s.get(tuple(c.split()), 0) for c in categories] for s in seen], dtype=torch.float32)
 
 
 def colour_totals(counts: torch.Tensor, categories: tuple[str, ...]) -> torch.Tensor:
