@@ -8,8 +8,10 @@ and on the embedded models' own samples.
 The learned counter is the held-out metric that shares none of the detector's machinery
 (docs/RESULTS.md), so this says how far its verdicts can be read as a second opinion. For every image
 and every category the prompt asks for, the counter's rounded count is compared with the detector's
-count (and both with the asked count); "image" rows ask that every asked category agrees, "colour"
-totals sum each colour over the three shapes (a disagreement that is only about shape then vanishes).
+count (and both with the asked count), beside the agreement that chance alone would give (two
+independent draws from the two counters' own count distributions). The "images" columns ask that every
+asked category agrees; "colour" totals sum each colour over the three shapes (a disagreement that is
+only about shape then vanishes).
 Shares are over the (image, category) or image pairs, with the binomial standard error. Samples (seed 0,
 10 steps): the plain Linear-ODE sampler of both models (the sharpest images they make), and on schnell,
 with the detector's -RSS as the given reward at 500 NFE, BoN on the Linear-ODE (sharp images, selected)
@@ -64,9 +66,16 @@ class Agreement:
     target: torch.Tensor  # (B, C) the asked counts (0 where not asked)
     asked: torch.Tensor  # (B, C) bool
 
+    def chance(self) -> float:
+        """How often two independent draws from the two counters' own count distributions (over the asked
+        categories) would agree: the agreement to expect if the counters read nothing in common."""
+        learned, found = self.learned[self.asked], self.found[self.asked]
+        return sum(((learned == k).float().mean() * (found == k).float().mean()).item()
+                   for k in torch.unique(torch.cat([learned, found])))
+
     def cells(self, categories: tuple[str, ...]) -> list[str]:
         same, m = self.learned == self.found, self.asked
-        return [share(same[m]), share((same | ~m).all(1)),
+        return [share(same[m]), f"{self.chance():.3f}", share((same | ~m).all(1)),
                 share((colour_totals(self.learned, categories) == colour_totals(self.found, categories)).all(1)),
                 share((self.found == self.target)[m]), share((self.learned == self.target)[m])]
 
@@ -92,9 +101,9 @@ def main() -> int:
     counter = R.load_counter()
     categories = counter.config.categories
     print(f"{args.prompts} hard held-out counting prompts; shares ± binomial standard error\n")
-    print("| images | asked categories: counter = detector | images: every asked category agrees | "
-          "images: every colour total agrees | detector = asked | counter = asked |")
-    print("|---|---|---|---|---|---|")
+    print("| images | asked categories: counter = detector | the same by chance | images: every asked category "
+          "agrees | images: every colour total agrees | detector = asked | counter = asked |")
+    print("|---|---|---|---|---|---|---|")
     renders = toyworld.render_batch([toyworld.parse_prompt(p) for p in prompts], np.random.default_rng(0))
     cells = agreement(counter, renders, prompts).cells(categories)
     print("| clean renders of the prompts | " + " | ".join(cells) + " |")

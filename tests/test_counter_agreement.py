@@ -52,3 +52,10 @@ def test_paired_difference_of_hits():
     a = torch.tensor([True, False, False, True])
     b = torch.tensor([True, True, False, True])
     assert CA.paired(b, a) == f"+0.250 ± {0.5 / 2:.3f}"  # d = (0, 1, 0, 0): mean 1/4, sd 1/2, n = 4
+
+
+def test_chance_agreement_of_independent_count_distributions():
+    # counter counts 1 on every category, the detector 1 on half and 2 on half: chance = 1 * 1/2
+    asked = torch.ones(2, 2, dtype=torch.bool)
+    a = CA.Agreement(torch.ones(2, 2), torch.tensor([[1.0, 2.0], [2.0, 1.0]]), torch.ones(2, 2), asked)
+    assert a.chance() == pytest.approx(0.5)
