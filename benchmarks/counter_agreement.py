@@ -33,7 +33,8 @@ import rewards as R  # noqa: E402
 import toyworld  # noqa: E402
 
 # (model folder, method, dynamics, NFE): the sharpest samples (the plain Linear-ODE sampler) of both models,
-# and the paper's headline setting, whose gain in exact-count accuracy the detector reads
+# then two searches on the detector's -RSS whose gains the counter should see if they are real: BoN (sharp
+# images) and the paper's headline setting, RBF on the VP-SDE
 SAMPLES = (("weights/mini-flux-schnell", "none", "linear-ode", 10), ("weights/mini-flux-dev", "none", "linear-ode", 10),
            ("weights/mini-flux-schnell", "bon", "linear-ode", 500), ("weights/mini-flux-schnell", "rbf", "vp-sde", 500))
 
@@ -97,7 +98,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=64, help="first N hard held-out counting prompts")
     args = parser.parse_args()
-    prompts = flowscale.heldout_prompts("counting", args.prompts, split="hard")
+    try:
+        prompts = flowscale.heldout_prompts("counting", args.prompts, split="hard")
+    except ValueError as e:
+        parser.error(str(e))
     counter = R.load_counter()
     categories = counter.config.categories
     print(f"{args.prompts} hard held-out counting prompts; shares ± binomial standard error\n")

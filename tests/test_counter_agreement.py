@@ -59,3 +59,11 @@ def test_chance_agreement_of_independent_count_distributions():
     asked = torch.ones(2, 2, dtype=torch.bool)
     a = CA.Agreement(torch.ones(2, 2), torch.tensor([[1.0, 2.0], [2.0, 1.0]]), torch.ones(2, 2), asked)
     assert a.chance() == pytest.approx(0.5)
+
+
+def test_a_bad_prompt_count_is_one_line_and_exit_code_2(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["counter_agreement.py", "--prompts", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        CA.main()
+    assert exit_.value.code == 2
+    assert "--prompts must be a number from 1 to" in capsys.readouterr().err
