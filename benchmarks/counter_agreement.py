@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import experiments  # noqa: E402
 import flowscale  # noqa: E402
 import rewards as R  # noqa: E402
 import toyworld  # noqa: E402
@@ -59,7 +60,7 @@ def share(hits: torch.Tensor) -> str:
 
 @dataclass
 class Agreement:
-    """One image set's hits: (B, C) bool over images x the counter's categories, `asked` marking the
+    """One image set's counts, (B, C) over images x the counter's categories, and `asked` marking the
     categories each prompt asks for (the same for every image set of the same prompts)."""
 
     learned: torch.Tensor  # (B, C) the counter's rounded counts
@@ -89,9 +90,9 @@ def agreement(counter: R.LearnedCounter, images: torch.Tensor, prompts: list[str
 
 
 def paired(b: torch.Tensor, a: torch.Tensor) -> str:
-    """b - a over the same (prompt, category) pairs, mean ± standard error."""
-    d = b.float() - a.float()
-    return f"{d.mean().item():+.3f} ± {d.std().item() / d.numel() ** 0.5:.3f}"
+    """b - a over the same (prompt, category) pairs, mean ± standard error (experiments.mean_se)."""
+    d = experiments.mean_se((b.float() - a.float()).tolist())
+    return f"{d.mean:+.3f} ± {d.se:.3f}"
 
 
 def main() -> int:
